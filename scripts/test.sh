@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the test dependencies into .venv and runs every check CI runs:
+# ruff (lint + format), mypy --strict, and the whole pytest suite (unit + end-to-end).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  if ! "$PY" -m venv .venv 2>/dev/null; then
+    # Debian ships venv separately; the image may not have it yet.
+    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+    rm -rf .venv && "$PY" -m venv .venv
+  fi
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[test,fast]'
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+.venv/bin/python -m pytest "$@"

@@ -1,0 +1,133 @@
+"""The relay's lifecycle: listeners up, serve until a signal, then a bounded drain.
+
+Owns: binding the main and metrics listeners, the periodic rate-limiter sweep, signal
+handling (SIGTERM/SIGINT start the drain; a second signal is ignored), closing every
+WebSocket with 1001 `shutting down` within --drain-timeout, and the exit code
+(0 after a signal, 1 when a listener fails).
+Must never: validate configuration (ops.boot did) or touch frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from pyrycode_relay.core.config import Config
+from pyrycode_relay.endpoints.relay import Relay
+from pyrycode_relay.endpoints.router import MainRouter, MetricsRouter
+from pyrycode_relay.ops.boot import parse_listen_address
+from pyrycode_relay.ops.log import Logger
+from pyrycode_relay.ops.metrics import MetricsExporter
+from pyrycode_relay.transport.connection import Connection, ConnSettings, Router
+
+RATE_LIMIT_SWEEP_SECONDS = 300.0  # reference §8.3
+
+
+class LiveConnections(set[Connection]):
+    """Every open TCP connection; the drain waits for it to empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._empty: asyncio.Event | None = None
+
+    def discard(self, conn: object) -> None:
+        super().discard(conn)
+        if not self and self._empty is not None:
+            self._empty.set()
+
+    async def wait_empty(self) -> None:
+        if self:
+            self._empty = asyncio.Event()
+            await self._empty.wait()
+
+
+def conn_settings(config: Config) -> ConnSettings:
+    return ConnSettings(
+        handshake_timeout=config.handshake_timeout,
+        heartbeat_interval=config.heartbeat_interval,
+        heartbeat_timeout=config.heartbeat_timeout,
+        message_read_timeout=config.message_read_timeout,
+        write_timeout=config.write_timeout,
+        max_message_bytes=config.max_message_bytes,
+    )
+
+
+async def _listen(
+    address: str, router: Router, settings: ConnSettings, live: LiveConnections
+) -> asyncio.Server:
+    host, port = parse_listen_address(address)
+    loop = asyncio.get_running_loop()
+
+    def factory() -> Connection:
+        return Connection(router, settings, live)
+
+    return await loop.create_server(factory, host or None, port, backlog=4096)
+
+
+async def serve(config: Config, log: Logger, version: str) -> int:
+    loop = asyncio.get_running_loop()
+    relay = Relay(config, log, version)
+    settings = conn_settings(config)
+    live = LiveConnections()
+    servers: list[asyncio.Server] = []
+    address = config.insecure_listen
+    try:
+        servers.append(await _listen(address, MainRouter(relay), settings, live))
+        if config.metrics_listen:
+            address = config.metrics_listen
+            log.info("starting metrics listener", addr=address)
+            exporter = MetricsExporter(
+                relay.stats, relay.registry.counts, lambda: relay.budget.used
+            )
+            servers.append(await _listen(address, MetricsRouter(exporter), settings, live))
+    except OSError as exc:
+        log.error("listener failed", addr=address, err=exc.strerror or type(exc).__name__)
+        log.error("listener error; draining")
+        for server in servers:
+            server.close()
+        return 1
+
+    log.info("push off: PYRYCODE_RELAY_FCM_CREDENTIALS unset")
+    log.info("starting", version=version, mode="insecure", listen=config.insecure_listen)
+
+    def sweep() -> None:
+        relay.limiter.sweep()
+        loop.call_later(RATE_LIMIT_SWEEP_SECONDS, sweep)
+
+    sweeper = loop.call_later(RATE_LIMIT_SWEEP_SECONDS, sweep)
+
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: None)  # a second signal is ignored
+    sweeper.cancel()
+
+    log.info("shutdown signal received; draining")
+    await drain(relay, servers, live, log)
+    return 0
+
+
+async def drain(
+    relay: Relay, servers: list[asyncio.Server], live: LiveConnections, log: Logger
+) -> None:
+    """Refuse new connections, close every WebSocket 1001, wait up to --drain-timeout."""
+    relay.shutting_down = True
+    for server in servers:
+        server.close()
+    for conn in list(live):
+        handler = conn.handler
+        if handler is None:
+            conn.abort()  # still reading a request head: nothing to say goodbye to
+        else:
+            handler.shutdown()
+    try:
+        await asyncio.wait_for(live.wait_empty(), relay.config.drain_timeout)
+    except TimeoutError:
+        for conn in list(live):
+            conn.abort()
+        log.warn("shutdown deadline exceeded; force-closed listeners")
+        log.warn("drain incomplete")
+        return
+    log.info("shutdown complete")

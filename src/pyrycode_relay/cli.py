@@ -1,0 +1,80 @@
+"""The `pyrycode-relay` command: parse flags, refuse bad boots, serve.
+
+Owns: turning argv + environment into a Config, the exit codes (0 clean, 1 runtime or
+listener failure, 2 configuration refused) and their one-line reasons, and choosing
+the event loop (uvloop when installed).
+Must never: print an environment variable's value or any secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from pyrycode_relay import __version__
+from pyrycode_relay.core.config import Config, ConfigError, HelpRequested, parse_args, usage
+from pyrycode_relay.ops.boot import BootRefusal, check_boot
+from pyrycode_relay.ops.log import Logger
+
+EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
+
+
+def _proc_status() -> str | None:
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _run(config: Config, log: Logger) -> int:
+    from pyrycode_relay.app import serve
+
+    if not config.insecure_listen:
+        # TLS (ACME or static certificates) arrives with its own issue; until then a
+        # domain-only configuration is refused rather than silently served in plain text.
+        log.error(
+            "refusing to start: TLS mode is not available in this build",
+            fix="run behind a TLS-terminating proxy with --insecure-listen",
+        )
+        return EXIT_CONFIG
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(config, log, __version__))
+    return uvloop.run(serve(config, log, __version__))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = parse_args(args, os.environ)
+    except HelpRequested:
+        print(usage(), file=sys.stderr)
+        return EXIT_OK
+    except ConfigError as exc:
+        print(f"pyrycode-relay: {exc}", file=sys.stderr)
+        if exc.usage:
+            print(usage(), file=sys.stderr)
+        return EXIT_CONFIG
+    if config.version:
+        print(__version__)
+        return EXIT_OK
+    log = Logger(sys.stderr, config.log_format, config.log_level)
+    try:
+        check_boot(
+            config,
+            os.environ,
+            euid=os.geteuid(),
+            proc_status=_proc_status(),
+            platform=sys.platform,
+        )
+    except BootRefusal as refusal:
+        log.record("error", refusal.msg, refusal.fields)
+        return refusal.exit_code
+    try:
+        return _run(config, log)
+    except KeyboardInterrupt:
+        return EXIT_OK

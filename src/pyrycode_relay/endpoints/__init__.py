@@ -1,0 +1,1 @@
+"""The /v1/server, /v1/client and /healthz handlers that join transport and core."""

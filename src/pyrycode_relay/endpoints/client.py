@@ -1,0 +1,264 @@
+"""`/v1/client`: one phone's session, from registration to close notice.
+
+Owns: phone registration (4404 / 4429, reference §5.4), the phone forwarder (JSON check,
+wrap, send to whichever binary holds the slot now; a bad frame ends only this phone,
+§7.7), the phone's outbox writer (§7.6: FIFO, byte budget, close directives after the
+frames before them), and the close notice to the binary (§6.3 + README §3 decision 1).
+Must never: block the binary. Delivery only enqueues; writing happens when this
+phone's socket can take it, bounded by --write-timeout.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING
+
+from pyrycode_relay.core.envelope import (
+    ERR_NOT_JSON,
+    close_notice,
+    frame_prefix,
+    is_json,
+    is_legal_close_code,
+    wrap,
+)
+from pyrycode_relay.core.outbox import Item, Outbox
+from pyrycode_relay.core.registry import Register
+from pyrycode_relay.transport.connection import Connection
+
+if TYPE_CHECKING:
+    from pyrycode_relay.endpoints.relay import Relay
+    from pyrycode_relay.endpoints.server import BinarySession
+
+ERR_BACKLOG_FULL = "relay: phone delivery backlog full"
+ERR_OUTBOX_CLOSED = "relay: phone outbox closed"
+ERR_BINARY_GONE = "relay: binary connection closed"
+ERR_WRITE_TIMEOUT = "relay: phone write timed out"
+GOING_AWAY = 1001
+
+
+class PhoneSession:
+    __slots__ = (
+        "_binary",
+        "_directed",
+        "_notice_code",
+        "_prefix",
+        "_registered",
+        "conn",
+        "conn_id",
+        "device_name",
+        "outbox",
+        "relay",
+        "remote",
+        "server_id",
+    )
+
+    def __init__(
+        self, relay: Relay, conn: Connection, server_id: str, device_name: str, remote: str
+    ) -> None:
+        self.relay = relay
+        self.conn = conn
+        self.server_id = server_id
+        self.device_name = device_name
+        self.remote = remote
+        self.conn_id = f"client-{server_id}-{secrets.token_hex(4)}"
+        self._prefix = frame_prefix(self.conn_id)
+        self.outbox = Outbox(relay.config.phone_outbox_bytes, relay.budget)
+        self._registered = False
+        self._binary: BinarySession | None = None  # the binary at registration time
+        self._directed = False  # the binary queued a close directive for us
+        self._notice_code: int | None = None  # set when our own teardown implies 1001
+
+    def start(self) -> None:
+        relay = self.relay
+        outcome = relay.registry.register_phone(
+            self.server_id, self.conn_id, self, relay.config.max_phones_per_server
+        )
+        if outcome is Register.NO_SERVER:
+            relay.stats.upgrade("client", "reject_404")
+            relay.stats.register_failures["no_server"] += 1
+            relay.log.info("phone_register_no_server", server_id=self.server_id, remote=self.remote)
+            self.conn.close(4404, "no server with that id")
+            return
+        if outcome is Register.AT_CAP:
+            relay.stats.upgrade("client", "reject_429")
+            relay.stats.register_failures["phones_at_cap"] += 1
+            relay.log.warn("phone_register_at_cap", server_id=self.server_id, remote=self.remote)
+            self.conn.close(4429, "too many phones for server-id")
+            return
+        self._registered = True
+        self._binary = relay.registry.binary(self.server_id)
+        relay.stats.upgrade("client", "accept")
+        relay.log.info(
+            "phone_registered",
+            server_id=self.server_id,
+            conn_id=self.conn_id,
+            device_name=self.device_name,
+            remote=self.remote,
+        )
+        self.conn.start_heartbeat()
+
+    # -- forwarding: phone → binary -----------------------------------------------
+
+    def on_message(self, data: bytes) -> None:
+        if not self._registered:
+            return
+        relay = self.relay
+        if not is_json(data):
+            relay.log.warn(
+                "phone_forwarder_marshal_err",
+                server_id=self.server_id,
+                conn_id=self.conn_id,
+                err=ERR_NOT_JSON,
+            )
+            self._end(1000)
+            return
+        # Looked up on every frame: after a reclaim the frame goes to the new holder.
+        binary = relay.registry.binary(self.server_id)
+        if binary is None:
+            relay.log.info(
+                "phone_forwarder_no_binary", server_id=self.server_id, conn_id=self.conn_id
+            )
+            self._end(1000)
+            return
+        if not binary.send(wrap(self._prefix, data), self):
+            relay.log.info(
+                "phone_forwarder_send_failed",
+                server_id=self.server_id,
+                conn_id=self.conn_id,
+                err=ERR_BINARY_GONE,
+            )
+            self._end(1000)
+            return
+        relay.stats.frames_phone_to_binary += 1
+
+    def _end(self, code: int) -> None:
+        """The relay ends this phone's read loop for a reason of the phone's own side;
+        the binary hears 1001 (reference §6.3)."""
+        self._notice_code = GOING_AWAY
+        self.conn.close(code)
+
+    # -- delivery: binary → phone (the outbox writer) -----------------------------
+
+    def deliver(self, frame: bytes) -> None:
+        self._enqueue(Item(frame, 0))
+
+    def close_directive(self, frame: bytes | None, close_code: int) -> None:
+        self._directed = True  # from now on, no close notice for this phone
+        log = self.relay.log
+        log.info(
+            "binary_forwarder_phone_closed",
+            server_id=self.server_id,
+            conn_id=self.conn_id,
+            close_code=close_code,
+        )
+        if not is_legal_close_code(close_code):
+            log.warn(
+                "binary_forwarder_bad_close_code",
+                server_id=self.server_id,
+                conn_id=self.conn_id,
+                close_code=close_code,
+            )
+            close_code = 1011
+        self._enqueue(Item(frame, close_code))
+
+    def _enqueue(self, item: Item) -> None:
+        outbox = self.outbox
+        if outbox.closed or self.conn.closing:
+            self._enqueue_failed(ERR_OUTBOX_CLOSED)
+            return
+        if not outbox.push(item):
+            self._enqueue_failed(ERR_BACKLOG_FULL)
+            outbox.clear()
+            self.conn.close(item.close_code or 1011, "phone backlog full")
+            return
+        if outbox.inflight is None and not self.conn.write_paused:
+            self._pump()
+
+    def _enqueue_failed(self, err: str) -> None:
+        self.relay.log.info(
+            "binary_forwarder_phone_enqueue_failed",
+            server_id=self.server_id,
+            conn_id=self.conn_id,
+            err=err,
+        )
+
+    def _pump(self) -> None:
+        outbox = self.outbox
+        conn = self.conn
+        stats = self.relay.stats
+        while len(outbox) and not conn.write_paused:
+            item = outbox.pop()
+            if item.frame is not None:
+                if not conn.send_text(item.frame):
+                    outbox.clear()
+                    return
+                stats.frames_binary_to_phone += 1
+            if item.close_code:
+                outbox.clear()  # frames queued after a directive are dropped
+                conn.close(item.close_code)
+                return
+            if conn.write_paused:
+                return  # the frame stays counted until the socket drains
+            outbox.written()
+
+    def on_writable(self) -> None:
+        self.outbox.written()
+        self._pump()
+
+    def on_write_timeout(self) -> None:
+        self.relay.log.info(
+            "binary_forwarder_phone_send_failed",
+            server_id=self.server_id,
+            conn_id=self.conn_id,
+            err=ERR_WRITE_TIMEOUT,
+        )
+        self.outbox.clear()
+        self.conn.close(1011, "phone write failed")
+
+    def on_heartbeat_timeout(self) -> None:
+        self.relay.stats.heartbeat_closes["client"] += 1
+        self.outbox.clear()
+        self.conn.close(1011, "heartbeat timeout")
+
+    def evict(self, code: int, reason: str) -> None:
+        """Eviction, grace expiry, shutdown: bypass the queue and close now."""
+        self.outbox.clear()
+        self.conn.close(code, reason)
+
+    def shutdown(self) -> None:
+        self.evict(1001, "shutting down")
+
+    # -- teardown -------------------------------------------------------------------
+
+    def on_closed(self) -> None:
+        self.outbox.clear()
+        if not self._registered:
+            return
+        relay = self.relay
+        binary = self._binary
+        if (
+            not self._directed
+            and not relay.shutting_down
+            and binary is not None
+            and relay.registry.binary(self.server_id) is binary
+        ):
+            self._send_close_notice(binary)
+        relay.registry.unregister_phone(self.server_id, self.conn_id, self)
+        relay.log.info("phone_unregistered", server_id=self.server_id, conn_id=self.conn_id)
+
+    def _send_close_notice(self, binary: BinarySession) -> None:
+        conn = self.conn
+        code = self._notice_code
+        if code is None:
+            if conn.timed_out_reading:
+                code = GOING_AWAY
+            else:
+                code = conn.peer_close_code or conn.relay_close_code or GOING_AWAY
+        if not binary.notify(close_notice(self.conn_id, code)):
+            self.relay.log.info(
+                "phone_close_notice_send_failed",
+                server_id=self.server_id,
+                conn_id=self.conn_id,
+                close_code=code,
+                err=ERR_BINARY_GONE,
+            )

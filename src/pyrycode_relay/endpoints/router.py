@@ -1,0 +1,130 @@
+"""Which handler a request head goes to, and the admission order in front of them.
+
+Owns: the three routes (`/healthz`, `/v1/server`, `/v1/client`; 404 elsewhere) and the
+fixed order of checks before a WebSocket exists (reference §1.2): rate limit → global
+cap → per-IP cap → header gate → handshake; then the session decides the registry
+outcome as a close code after the 101. Also the loopback `/metrics` route.
+Must never: log a header value. The header gate and handshake failures are not logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import msgspec
+
+from pyrycode_relay.core.clientip import client_ip
+from pyrycode_relay.endpoints.client import PhoneSession
+from pyrycode_relay.endpoints.relay import Relay
+from pyrycode_relay.endpoints.server import BinarySession
+from pyrycode_relay.ops.log import go_quote
+from pyrycode_relay.ops.metrics import MetricsExporter
+from pyrycode_relay.transport.connection import (
+    Connection,
+    handshake_error,
+    websocket_handshake,
+)
+from pyrycode_relay.transport.http import (
+    RequestHead,
+    error_response,
+    json_response,
+    not_found,
+    response,
+)
+
+# Send-buffer thresholds: a phone's socket counts as blocked as soon as any byte of a
+# frame is unsent (so the outbox sees exactly one frame "being written"); a binary's
+# gets the usual 64 KiB of slack before its phones are paused.
+PHONE_WRITE_HIGH = 0
+BINARY_WRITE_HIGH = 64 * 1024
+
+_ENDPOINTS = {"/v1/server": "server", "/v1/client": "client"}
+_REQUIRED = {
+    "server": ("x-pyrycode-server", "x-pyrycode-version", "user-agent"),
+    "client": ("x-pyrycode-server", "x-pyrycode-token", "user-agent"),
+}
+
+
+class MainRouter:
+    __slots__ = ("relay",)
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def route(self, conn: Connection, head: RequestHead) -> None:
+        path = head.path
+        if path == "/healthz":
+            conn.respond(json_response(healthz_body(self.relay)))
+            return
+        endpoint = _ENDPOINTS.get(path)
+        if endpoint is None:
+            conn.respond(not_found())
+            return
+        relay = self.relay
+        stats = relay.stats
+        log = relay.log
+        ip = client_ip(
+            conn.peer_host, head.header("x-forwarded-for"), relay.config.trust_x_forwarded_for
+        )
+        if not ip or not relay.limiter.allow(ip):
+            stats.upgrade(endpoint, "reject_rate_limit")
+            stats.register_failures["ratelimit"] += 1
+            log.warn("rate_limited", remote=go_quote(ip))
+            conn.respond(error_response(429))
+            return
+        refused = relay.caps.try_acquire(ip)
+        if refused is not None:
+            stats.cap_rejections[refused] += 1
+            log.warn("conn_cap_reached", path=path, remote=conn.peer_host, scope=refused)
+            conn.respond(error_response(503))
+            return
+        conn.on_release = partial(relay.caps.release, ip)
+        if not all(head.header(name) for name in _REQUIRED[endpoint]):
+            stats.upgrade(endpoint, "reject_headers")
+            conn.respond(error_response(400))
+            return
+        handshake = websocket_handshake(head)
+        if handshake is None:
+            conn.respond(handshake_error(head))
+            return
+        server_id = head.header("x-pyrycode-server")
+        session: BinarySession | PhoneSession
+        if endpoint == "server":
+            session = BinarySession(
+                relay, conn, server_id, head.header("x-pyrycode-version"), conn.peer_host
+            )
+            write_high = BINARY_WRITE_HIGH
+        else:
+            session = PhoneSession(
+                relay, conn, server_id, head.header("x-pyrycode-device-name"), conn.peer_host
+            )
+            write_high = PHONE_WRITE_HIGH
+        conn.accept_websocket(handshake, session, write_high, session.start)
+
+
+def healthz_body(relay: Relay) -> bytes:
+    """Exact key order, compact, no trailing newline (reference §8.1)."""
+    binaries, phones = relay.registry.counts()
+    return (
+        b'{"status":"ok","version":'
+        + msgspec.json.encode(relay.version)
+        + b',"connected_binaries":%d,"connected_phones":%d,"uptime_seconds":%d}'
+        % (binaries, phones, relay.uptime_seconds())
+    )
+
+
+class MetricsRouter:
+    """The loopback metrics listener: `/metrics` only."""
+
+    __slots__ = ("_render",)
+
+    def __init__(self, exporter: MetricsExporter) -> None:
+        self._render: Callable[[], tuple[bytes, str]] = exporter.render
+
+    def route(self, conn: Connection, head: RequestHead) -> None:
+        if head.path != "/metrics":
+            conn.respond(not_found())
+            return
+        body, content_type = self._render()
+        conn.respond(response(200, [("Content-Type", content_type)], body))

@@ -1,0 +1,209 @@
+"""`/v1/server`: one binary's session, from claim to grace release.
+
+Owns: the claim (free / reclaim / conflict probe / takeover, reference §5.1-§5.2), the
+binary forwarder (envelopes → phone outboxes, §3.5 and §7.7: a bad envelope is dropped
+and the binary stays up), back-pressure toward phones while the binary's socket is
+congested, and the release into grace when the connection ends.
+Must never: wait on a phone's socket. Phone delivery only enqueues (endpoints.client).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING
+
+from pyrycode_relay.core.envelope import EnvelopeError, decode_binary_envelope
+from pyrycode_relay.core.registry import Claim
+from pyrycode_relay.transport.connection import Connection
+
+if TYPE_CHECKING:
+    from pyrycode_relay.endpoints.client import PhoneSession
+    from pyrycode_relay.endpoints.relay import Relay
+
+ERR_PUSH_OFF = "relay: push is off"
+
+
+class BinarySession:
+    __slots__ = (
+        "_blocked",
+        "_pending",
+        "binary_version",
+        "conn",
+        "conn_id",
+        "relay",
+        "remote",
+        "server_id",
+    )
+
+    def __init__(
+        self, relay: Relay, conn: Connection, server_id: str, binary_version: str, remote: str
+    ) -> None:
+        self.relay = relay
+        self.conn = conn
+        self.server_id = server_id
+        self.binary_version = binary_version
+        self.remote = remote
+        self.conn_id = f"server-{server_id}-{secrets.token_hex(4)}"
+        self._pending = True  # until the claim is decided
+        self._blocked: list[PhoneSession] = []  # phones paused until our socket drains
+
+    # -- claim ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        result = self.relay.registry.claim(self.server_id, self)
+        if result.outcome is Claim.CONFLICT:
+            assert result.incumbent is not None
+            self._probe(result.incumbent)
+            return
+        if result.outcome is Claim.RECLAIMED:
+            self.relay.evict_reclaimed(result.evicted)
+        self._claimed()
+
+    def _claimed(self) -> None:
+        self._pending = False
+        relay = self.relay
+        relay.stats.upgrade("server", "accept")
+        relay.log.info(
+            "server_claimed",
+            server_id=self.server_id,
+            binary_version=self.binary_version,
+            remote=self.remote,
+        )
+        self.conn.start_heartbeat()
+
+    def _probe(self, incumbent: BinarySession) -> None:
+        """Ping the incumbent (§5.2): a pong means it is alive (→ 4409); silence within
+        --conflict-probe-timeout means it is dead (→ takeover)."""
+        decided = False
+
+        def alive() -> None:
+            nonlocal decided
+            if not decided:
+                decided = True
+                timer.cancel()
+                self._conflict()
+
+        def silent() -> None:
+            nonlocal decided
+            if not decided:
+                decided = True
+                self._take_over(incumbent)
+
+        timer = self.relay.loop.call_later(self.relay.config.conflict_probe_timeout, silent)
+        if not incumbent.conn.ping(alive):
+            timer.cancel()
+            silent()  # a ping that cannot be sent is a failed probe
+
+    def _conflict(self) -> None:
+        if self.conn.closing:
+            return
+        relay = self.relay
+        relay.stats.upgrade("server", "reject_409")
+        relay.stats.register_failures["server_in_use"] += 1
+        relay.log.info("server_id_conflict", server_id=self.server_id, remote=self.remote)
+        self.conn.close(4409, "server-id already claimed")
+
+    def _take_over(self, incumbent: BinarySession) -> None:
+        if self.conn.closing:
+            return  # the claimant left during the probe
+        relay = self.relay
+        if relay.shutting_down:
+            self.conn.close(1000)
+            return
+        evicted = relay.registry.take_over(self.server_id, self, incumbent)
+        if evicted is None:
+            self._conflict()  # another claimant won the race
+            return
+        relay.stats.takeovers += 1
+        relay.log.info("server_id_takeover", server_id=self.server_id, remote=self.remote)
+        relay.evict_reclaimed(evicted)
+        incumbent.conn.close(1011, "heartbeat timeout")
+        self._claimed()
+
+    # -- forwarding: binary → phones ----------------------------------------------
+
+    def on_message(self, data: bytes) -> None:
+        relay = self.relay
+        registry = relay.registry
+        server_id = self.server_id
+        if self._pending or registry.binary(server_id) is not self:
+            return  # not (or no longer) the holder: nothing to address
+        try:
+            env = decode_binary_envelope(data)
+        except EnvelopeError as exc:
+            relay.log.warn(
+                "binary_forwarder_unmarshal_err",
+                server_id=server_id,
+                binary_conn_id=self.conn_id,
+                err=str(exc),
+            )
+            return
+        conn_id = env.conn_id
+        if not conn_id:  # a push-wake request; push arrives with a later issue
+            relay.log.warn(
+                "binary_forwarder_push_wake_dropped",
+                server_id=server_id,
+                binary_conn_id=self.conn_id,
+                err=ERR_PUSH_OFF,
+            )
+            return
+        phone = registry.phone(server_id, conn_id)
+        if phone is None:
+            relay.log.warn("binary_forwarder_unknown_conn_id", server_id=server_id, conn_id=conn_id)
+            return
+        frame = bytes(env.frame) if env.has_frame else None
+        if env.close_code:
+            phone.close_directive(frame, env.close_code)
+        else:
+            assert frame is not None
+            phone.deliver(frame)
+
+    # -- forwarding: phones → binary ----------------------------------------------
+
+    def send(self, data: bytes, phone: PhoneSession) -> bool:
+        """Write one envelope to the binary. If its socket is congested, `phone` stops
+        being read until the binary drains (the bounded equivalent of the reference's
+        synchronous, write-timeout-bounded send)."""
+        conn = self.conn
+        if not conn.send_text(data):
+            return False
+        if conn.write_paused:
+            self._blocked.append(phone)
+            phone.conn.pause_reading()
+        return True
+
+    def notify(self, data: bytes) -> bool:
+        """A close notice: written like a frame, never blocks anyone."""
+        return self.conn.send_text(data)
+
+    def on_writable(self) -> None:
+        self._release_blocked()
+
+    def _release_blocked(self) -> None:
+        blocked, self._blocked = self._blocked, []
+        for phone in blocked:
+            phone.conn.resume_reading()
+
+    def on_write_timeout(self) -> None:
+        # The binary stopped reading for --write-timeout: drop it (its phones notice on
+        # their next frame), exactly as a failed write tears down the reference's conn.
+        self.conn.abort()
+
+    def on_heartbeat_timeout(self) -> None:
+        self.relay.stats.heartbeat_closes["server"] += 1
+        self.conn.close(1011, "heartbeat timeout")
+
+    def shutdown(self) -> None:
+        if self._pending:
+            self.conn.close(1000)  # shutdown during the conflict probe: a plain close
+        else:
+            self.conn.close(1001, "shutting down")
+
+    def on_closed(self) -> None:
+        self._release_blocked()
+        relay = self.relay
+        token = relay.registry.release(self.server_id, self)
+        if token is None:
+            return  # never held the slot, or was taken over
+        relay.arm_grace(self.server_id, token)
+        relay.log.info("server_released", server_id=self.server_id)

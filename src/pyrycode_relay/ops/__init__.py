@@ -1,0 +1,1 @@
+"""Operational concerns: logging, metrics, boot-time checks."""

@@ -1,0 +1,389 @@
+"""Boot-time refusals: the configuration checks that end the process with exit code 2.
+
+Owns: the reference's refusal order (§9.3 steps 2-9, 11, 13), its log event names and reasons,
+the Linux capability allowlist and listener-address parsing. Must never: log (the caller logs
+`BootRefusal.msg` with `BootRefusal.fields`), read the process state itself (euid, /proc and the
+platform are passed in so every branch is testable), or put an environment variable's value into
+a refusal — only names.
+
+Deliberate difference from the reference: with effective uid 0 outside production mode the
+capability check is skipped, because root always holds every capability and the reference's root
+matrix explicitly allows root outside production mode; running it would make that allowed case
+impossible on Linux.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from typing import Final
+
+from pyrycode_relay.core.config import Config
+
+EXIT_CONFIG_REFUSED: Final = 2
+
+ENV_PRODUCTION: Final = "PYRYCODE_RELAY_PRODUCTION"
+ENV_SINGLE_INSTANCE: Final = "PYRYCODE_RELAY_SINGLE_INSTANCE"
+ENV_FLY_APP_NAME: Final = "FLY_APP_NAME"
+
+# The only keys a refusal may carry into the log (reference §13, keys used by main.go).
+ALLOWED_FIELD_KEYS: Final = frozenset(
+    {"reason", "env_var", "fix", "value", "effective_uid", "addr", "bypass_env_var", "mode"}
+)
+
+# Log event names, identical to the reference's (README §1: same log event names).
+MSG_NO_MODE: Final = (
+    "either --domain (for autocert) or --insecure-listen (for behind-proxy mode) must be set"
+)
+MSG_INSECURE_EXCLUSIVE: Final = (
+    "refusing to start: --insecure-listen is mutually exclusive with "
+    "--http-listen / --https-listen / --https-proxy-protocol"
+)
+MSG_MAX_CONNECTIONS: Final = "refusing to start: invalid --max-connections"
+MSG_ENV: Final = "refusing to start: invalid env-var config"
+MSG_MULTI_INSTANCE: Final = "refusing to start: multi-instance deploy detected"
+MSG_PRODUCTION: Final = "refusing to start: production-mode misconfiguration"
+MSG_CAPS: Final = "refusing to start: unexpected Linux capabilities"
+MSG_METRICS_LISTEN: Final = "refusing to start: invalid --metrics-listen address"
+MSG_LISTENER: Final = "refusing to start: invalid listener address"
+
+REASON_CONN_CAP: Final = "relay: connection cap must be positive"
+REASON_MULTI_INSTANCE: Final = (
+    "relay: multi-instance deploy detected; set PYRYCODE_RELAY_SINGLE_INSTANCE=1 to bypass"
+)
+REASON_INSECURE_PROD: Final = (
+    "relay: --insecure-listen is set with PYRYCODE_RELAY_PRODUCTION=1; refusing to start"
+)
+REASON_ROOT_PROD: Final = (
+    "relay: effective uid is 0 with PYRYCODE_RELAY_PRODUCTION=1; refusing to start"
+)
+REASON_CAPS: Final = "relay: process has unexpected effective Linux capabilities"
+REASON_METRICS: Final = "relay: metrics listener bind address must be a loopback IP literal"
+
+# Flags that only configure the TLS listeners and therefore do nothing in insecure mode. The
+# first three are the reference's; the rest are our additions and get the same treatment.
+_REFERENCE_TLS_ONLY_FLAGS: Final = ("http-listen", "https-listen", "https-proxy-protocol")
+_TLS_ONLY_FLAGS: Final = (
+    *_REFERENCE_TLS_ONLY_FLAGS,
+    "tls-cert",
+    "tls-key",
+    "acme-directory",
+    "acme-email",
+    "acme-ca-bundle",
+)
+
+CAP_NET_BIND_SERVICE: Final = 10
+_ALLOWED_CAP_MASK: Final = 1 << CAP_NET_BIND_SERVICE
+
+# include/uapi/linux/capability.h; bit positions are stable kernel ABI and only ever append.
+CAPABILITY_NAMES: Final[tuple[str, ...]] = (
+    "cap_chown",
+    "cap_dac_override",
+    "cap_dac_read_search",
+    "cap_fowner",
+    "cap_fsetid",
+    "cap_kill",
+    "cap_setgid",
+    "cap_setuid",
+    "cap_setpcap",
+    "cap_linux_immutable",
+    "cap_net_bind_service",
+    "cap_net_broadcast",
+    "cap_net_admin",
+    "cap_net_raw",
+    "cap_ipc_lock",
+    "cap_ipc_owner",
+    "cap_sys_module",
+    "cap_sys_rawio",
+    "cap_sys_chroot",
+    "cap_sys_ptrace",
+    "cap_sys_pacct",
+    "cap_sys_admin",
+    "cap_sys_boot",
+    "cap_sys_nice",
+    "cap_sys_resource",
+    "cap_sys_time",
+    "cap_sys_tty_config",
+    "cap_mknod",
+    "cap_lease",
+    "cap_audit_write",
+    "cap_audit_control",
+    "cap_setfcap",
+    "cap_mac_override",
+    "cap_mac_admin",
+    "cap_syslog",
+    "cap_wake_alarm",
+    "cap_block_suspend",
+    "cap_audit_read",
+    "cap_perfmon",
+    "cap_bpf",
+    "cap_checkpoint_restore",
+)
+
+_FIX_INSECURE_EXCLUSIVE: Final = (
+    "use --insecure-listen alone (proxy-fronted plaintext mode), OR use --domain with optional "
+    "--http-listen / --https-listen (autocert mode); the TLS listener flags have no effect in "
+    "insecure mode"
+)
+_FIX_MAX_CONNECTIONS: Final = "pass a positive connection count, or omit the flag for the default"
+_FIX_ENV: Final = 'set the variable to exactly "1" or unset it'
+_FIX_MULTI_INSTANCE: Final = (
+    "set PYRYCODE_RELAY_SINGLE_INSTANCE=1 in the deploy manifest (e.g. fly.toml [env]) to assert "
+    "single-instance intent, or use --cluster-redis"
+)
+_FIX_INSECURE_PROD: Final = (
+    "remove --insecure-listen and set --domain, or unset PYRYCODE_RELAY_PRODUCTION"
+)
+_FIX_ROOT_PROD: Final = (
+    "drop privileges before exec (e.g. Dockerfile USER directive or --user <non-zero>, kubernetes "
+    "securityContext.runAsUser), or unset PYRYCODE_RELAY_PRODUCTION if the deploy is truly dev"
+)
+_FIX_CAPS: Final = (
+    "drop extra capabilities (e.g. --cap-drop=ALL --cap-add=NET_BIND_SERVICE on docker, or "
+    "securityContext.capabilities on kubernetes)"
+)
+_FIX_METRICS: Final = (
+    "use a loopback IP literal such as 127.0.0.1:9090 or [::1]:9090, or pass --metrics-listen= "
+    "to disable"
+)
+
+_HEX: Final = re.compile(r"[0-9a-fA-F]+")
+
+
+class BootRefusal(Exception):
+    """The configuration is refused at boot; log `msg` with `fields` and exit `exit_code`."""
+
+    def __init__(
+        self,
+        msg: str,
+        fields: Mapping[str, str] | None = None,
+        *,
+        exit_code: int = EXIT_CONFIG_REFUSED,
+    ) -> None:
+        fields = dict(fields or {})
+        unknown = set(fields) - ALLOWED_FIELD_KEYS
+        if unknown:
+            # A programming error: a new key must be added to the log allowlist deliberately.
+            raise ValueError(f"log keys not allowlisted: {sorted(unknown)}")
+        super().__init__(msg)
+        self.msg = msg
+        self.fields: dict[str, str] = fields
+        self.exit_code = exit_code
+
+
+def check_boot(
+    config: Config,
+    environ: Mapping[str, str],
+    *,
+    euid: int,
+    proc_status: str | None,
+    platform: str,
+) -> None:
+    """Raise BootRefusal for the first refused condition, in the reference's order.
+
+    `proc_status` is the text of /proc/self/status (None if unreadable); `platform` is
+    `sys.platform`.
+    """
+    insecure = config.insecure_listen != ""
+
+    if not insecure and config.domain == "":
+        raise BootRefusal(MSG_NO_MODE)
+
+    if insecure:
+        for flag in _TLS_ONLY_FLAGS:
+            if flag in config.explicit:
+                msg = (
+                    MSG_INSECURE_EXCLUSIVE
+                    if flag in _REFERENCE_TLS_ONLY_FLAGS
+                    else f"refusing to start: --insecure-listen is mutually exclusive with --{flag}"
+                )
+                raise BootRefusal(msg, {"value": f"--{flag}", "fix": _FIX_INSECURE_EXCLUSIVE})
+
+    if config.max_connections <= 0:
+        raise BootRefusal(
+            MSG_MAX_CONNECTIONS,
+            {
+                "reason": REASON_CONN_CAP,
+                "value": str(config.max_connections),
+                "fix": _FIX_MAX_CONNECTIONS,
+            },
+        )
+
+    # Validated before anything reads them, so a typo like PRODUCTION=true cannot silently mean
+    # "not production". The value is never echoed (the reference does; we never log env values).
+    for name in (ENV_PRODUCTION, ENV_SINGLE_INSTANCE):
+        if name in environ and environ[name] != "1":
+            raise BootRefusal(
+                MSG_ENV,
+                {
+                    "env_var": name,
+                    "reason": (
+                        f"relay: invalid env-var config: {name}: "
+                        'malformed-value: expected "1" or unset'
+                    ),
+                    "fix": _FIX_ENV,
+                },
+            )
+    production = environ.get(ENV_PRODUCTION) == "1"
+
+    # Cluster mode is exactly the multi-instance deploy this guard exists to stop otherwise.
+    if (
+        environ.get(ENV_FLY_APP_NAME, "") != ""
+        and environ.get(ENV_SINGLE_INSTANCE) != "1"
+        and config.cluster_redis == ""
+    ):
+        raise BootRefusal(
+            MSG_MULTI_INSTANCE,
+            {
+                "reason": REASON_MULTI_INSTANCE,
+                "bypass_env_var": ENV_SINGLE_INSTANCE,
+                "fix": _FIX_MULTI_INSTANCE,
+            },
+        )
+
+    if production and insecure:
+        raise BootRefusal(
+            MSG_PRODUCTION,
+            {"reason": REASON_INSECURE_PROD, "env_var": ENV_PRODUCTION, "fix": _FIX_INSECURE_PROD},
+        )
+
+    if production and euid == 0:
+        raise BootRefusal(
+            MSG_PRODUCTION,
+            {
+                "reason": REASON_ROOT_PROD,
+                "env_var": ENV_PRODUCTION,
+                "effective_uid": str(euid),
+                "fix": _FIX_ROOT_PROD,
+            },
+        )
+
+    # Root outside production mode is allowed (above), and root holds every capability.
+    if platform == "linux" and euid != 0:
+        _check_capabilities(proc_status)
+
+    if config.metrics_listen != "" and not is_loopback_listen_address(config.metrics_listen):
+        raise BootRefusal(
+            MSG_METRICS_LISTEN,
+            {"reason": REASON_METRICS, "addr": config.metrics_listen, "fix": _FIX_METRICS},
+        )
+
+    listeners = [config.insecure_listen] if insecure else [config.https_listen, config.http_listen]
+    for addr in listeners:
+        try:
+            parse_listen_address(addr)
+        except ValueError as exc:
+            raise BootRefusal(MSG_LISTENER, {"reason": str(exc), "addr": addr}) from None
+
+
+def _check_capabilities(proc_status: str | None) -> None:
+    if proc_status is None:
+        reason = "relay: reading /proc/self/status failed"
+    else:
+        try:
+            mask = parse_cap_eff(proc_status)
+        except ValueError as exc:
+            reason = str(exc)
+        else:
+            unexpected = mask & ~_ALLOWED_CAP_MASK
+            if unexpected == 0:
+                return
+            raise BootRefusal(
+                MSG_CAPS,
+                {"reason": REASON_CAPS, "value": capability_names(unexpected), "fix": _FIX_CAPS},
+            )
+    # Unreadable or unparsable /proc is refused too: the allowlist must not fail open.
+    raise BootRefusal(MSG_CAPS, {"reason": reason, "fix": _FIX_CAPS})
+
+
+def parse_cap_eff(proc_status: str) -> int:
+    """The `CapEff:` mask from /proc/self/status text; ValueError if missing or not hex."""
+    for line in proc_status.split("\n"):
+        if line.startswith("CapEff:"):
+            value = line[len("CapEff:") :].strip()
+            if _HEX.fullmatch(value) is None or int(value, 16) >= 1 << 64:
+                raise ValueError("relay: parsing /proc/self/status CapEff: not a 64-bit hex mask")
+            return int(value, 16)
+    raise ValueError("relay: /proc/self/status missing CapEff line")
+
+
+def capability_names(mask: int) -> str:
+    """`cap_net_admin,cap_sys_admin` for the set bits, ascending; unknown bits as `cap_<n>`."""
+    names = []
+    for bit in range(mask.bit_length()):
+        if mask >> bit & 1:
+            names.append(CAPABILITY_NAMES[bit] if bit < len(CAPABILITY_NAMES) else f"cap_{bit}")
+    return ",".join(names)
+
+
+def _split_host_port(value: str) -> tuple[str, str]:
+    """Go's net.SplitHostPort: `host:port`, `[v6]:port`, `:port`; brackets stripped."""
+    i = value.rfind(":")
+    if i < 0:
+        raise ValueError("missing port in address")
+    j = k = 0
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise ValueError("missing ']' in address")
+        if end + 1 == len(value):
+            raise ValueError("missing port in address")
+        if end + 1 != i:
+            if value[end + 1] == ":":
+                raise ValueError("too many colons in address")
+            raise ValueError("missing port in address")
+        host = value[1:end]
+        j, k = 1, end + 1
+    else:
+        host = value[:i]
+        if ":" in host:
+            raise ValueError("too many colons in address")
+    if "[" in value[j:]:
+        raise ValueError("unexpected '[' in address")
+    if "]" in value[k:]:
+        raise ValueError("unexpected ']' in address")
+    return host, value[i + 1 :]
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """Parse a listener address `[host]:port` into (host, port); host "" means all interfaces.
+
+    IPv6 brackets are stripped. The port must be decimal 1..65535 (0 would bind an ephemeral
+    port nobody expects). Raises ValueError with a one-line `relay: ...` reason.
+    """
+    if value == "":
+        raise ValueError("relay: listener address is empty")
+    try:
+        host, port_text = _split_host_port(value)
+    except ValueError as exc:
+        raise ValueError(f"relay: parsing listener address: {exc}") from None
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError("relay: parsing listener address: port is not a decimal number")
+    port = int(port_text)
+    if port == 0:
+        raise ValueError("relay: parsing listener address: port 0 is not permitted")
+    if port > 65535:
+        raise ValueError("relay: parsing listener address: port out of range")
+    return host, port
+
+
+def is_loopback_listen_address(value: str) -> bool:
+    """True for `<loopback IP literal>:<port>` (127.0.0.0/8 or ::1, port 1..65535).
+
+    Hostnames, even `localhost`, are refused: a name resolves again at bind time, so a check on
+    it would be a TOCTOU race.
+    """
+    try:
+        host, _port = parse_listen_address(value)
+    except ValueError:
+        return False
+    if "%" in host:  # a zone index is never loopback, and Go's ParseIP refuses it
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback

@@ -1,0 +1,156 @@
+"""Prometheus text exposition of the relay's counters and gauges (reference §8.2, README §3.4).
+
+Owns: the series names, labels and help texts, and rendering one scrape. Must never: be called
+from the data path, use the default registry or its process/platform/GC collectors, or turn a
+server-id, IP or token into a label value. The data path only bumps plain ints in `RelayStats`;
+this module reads them at scrape time, so forwarding a frame never takes a prometheus lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from pyrycode_relay.core.stats import RelayStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# promhttp pre-creates these three codes; 503 would only come from an in-flight limit we lack.
+_HANDLER_CODES = ("200", "500", "503")
+
+
+class _RelayCollector:
+    """Builds every family from plain values at scrape time; no state of its own."""
+
+    def __init__(self, exporter: MetricsExporter) -> None:
+        self._x = exporter
+
+    def collect(self) -> Iterator[Metric]:
+        x = self._x
+        st = x.stats
+        binaries, phones = x.counts()
+        families: list[Metric] = []
+
+        def gauge(name: str, doc: str, value: float) -> None:
+            families.append(GaugeMetricFamily(name, doc, value=value))
+
+        def counter(
+            name: str, doc: str, labels: list[str], rows: dict[tuple[str, ...], int]
+        ) -> None:
+            # CounterMetricFamily strips a trailing `_total` and exposition adds it back; no
+            # `created` timestamp is passed, so no `_created` series is emitted.
+            fam = CounterMetricFamily(name, doc, labels=labels)
+            for values in sorted(rows):  # client_golang orders series by label values
+                fam.add_metric(list(values), rows[values])
+            families.append(fam)
+
+        gauge(
+            "promhttp_metric_handler_requests_in_flight",
+            "Current number of scrapes being served.",
+            x.in_flight,
+        )
+        counter(
+            "promhttp_metric_handler_requests_total",
+            "Total number of scrapes by HTTP status code.",
+            ["code"],
+            {(c,): x.handler_requests[c] for c in _HANDLER_CODES},
+        )
+        gauge(
+            "pyrycode_relay_connected_binaries",
+            "Binaries currently connected (binaries in their grace period excluded).",
+            binaries,
+        )
+        gauge("pyrycode_relay_connected_phones", "Phones currently connected.", phones)
+        counter(
+            "pyrycode_relay_frames_forwarded_total",
+            "Frames delivered, by direction. Close notices are not counted.",
+            ["direction"],
+            {
+                ("phone_to_binary",): st.frames_phone_to_binary,
+                ("binary_to_phone",): st.frames_binary_to_phone,
+            },
+        )
+        counter(
+            "pyrycode_relay_grace_expiries_total",
+            "Grace-period timers that actually evicted a server-id.",
+            [],
+            {(): st.grace_expiries},
+        )
+        counter(
+            "pyrycode_relay_ws_upgrade_attempts_total",
+            "WebSocket upgrade attempts by endpoint and final outcome.",
+            ["endpoint", "outcome"],
+            {tuple(k): v for k, v in st.upgrade_attempts.items()},
+        )
+        counter(
+            "pyrycode_relay_register_failures_total",
+            "Registration failures by kind, counted with the matching reject outcome.",
+            ["kind"],
+            {(k,): v for k, v in st.register_failures.items()},
+        )
+        counter(
+            "pyrycode_relay_takeovers_total",
+            "Binary claims that replaced a dead incumbent holding the same server-id.",
+            [],
+            {(): st.takeovers},
+        )
+        counter(
+            "pyrycode_relay_reclaim_evictions_total",
+            "Binaries reclaiming their server-id during grace, evicting the stale holder.",
+            [],
+            {(): st.reclaim_evictions},
+        )
+        counter(
+            "pyrycode_relay_heartbeat_closes_total",
+            "Connections closed because a heartbeat ping went unanswered, by endpoint.",
+            ["endpoint"],
+            {(e,): v for e, v in st.heartbeat_closes.items()},
+        )
+        counter(
+            "pyrycode_relay_conn_cap_rejections_total",
+            "Upgrade requests refused with 503 by a connection cap, by scope.",
+            ["scope"],
+            {(s,): v for s, v in st.cap_rejections.items()},
+        )
+        gauge(
+            "pyrycode_relay_outbox_bytes",
+            "Bytes queued in all phone outboxes together.",
+            x.outbox_bytes(),
+        )
+        # client_golang sorts families by name; keep scrapes byte-comparable with the reference.
+        families.sort(key=lambda m: m.name + ("_total" if m.type == "counter" else ""))
+        yield from families
+
+
+class MetricsExporter:
+    """Renders `/metrics` from a `RelayStats`, a live-count source and an outbox-size source."""
+
+    def __init__(
+        self,
+        stats: RelayStats,
+        counts: Callable[[], tuple[int, int]],
+        outbox_bytes: Callable[[], int],
+    ) -> None:
+        self.stats = stats
+        self.counts = counts
+        self.outbox_bytes = outbox_bytes
+        self.in_flight = 0
+        self.handler_requests: dict[str, int] = dict.fromkeys(_HANDLER_CODES, 0)
+        # A private registry: the global one would add process_/python_/gc series.
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(_RelayCollector(self))
+
+    def render(self) -> tuple[bytes, str]:
+        """One scrape: (body, content type). Like promhttp, a scrape counts itself once done."""
+        self.in_flight += 1
+        try:
+            body = generate_latest(self._registry)
+        except Exception:
+            self.handler_requests["500"] += 1
+            raise
+        finally:
+            self.in_flight -= 1
+        self.handler_requests["200"] += 1
+        return body, CONTENT_TYPE

@@ -1,0 +1,1 @@
+"""Byte-level I/O: HTTP request heads, the WebSocket connection adapter, listeners."""

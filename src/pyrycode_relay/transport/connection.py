@@ -1,0 +1,476 @@
+"""One TCP connection: an HTTP request head, then (maybe) a WebSocket.
+
+Owns: the asyncio Protocol, the websockets Sans-I/O frame state machine, and every
+per-connection timer — header-read deadline, heartbeat ping/pong, per-message read
+deadline, write timeout (time spent with the socket's send buffer full), and the bounded
+close handshake. This is the transport boundary: endpoints see only `Connection`'s small
+public surface (send_text, close, ping, pause/resume reading, write_paused) and the
+`WsHandler` callbacks.
+Must never: parse envelopes, touch the registry, or log. No task is created per
+connection or per message: everything runs in protocol callbacks and loop timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol as TypingProtocol
+from typing import cast
+
+from websockets.datastructures import Headers
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import OPEN, Side
+from websockets.protocol import Protocol as WsProtocol
+from websockets.server import ServerProtocol
+
+from pyrycode_relay.core.envelope import is_utf8
+from pyrycode_relay.transport.http import (
+    HeadReader,
+    HttpError,
+    RequestHead,
+    error_response,
+    upgrade_required,
+)
+from pyrycode_relay.transport.http import response as http_response
+
+_TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
+
+
+@dataclass(frozen=True, slots=True)
+class ConnSettings:
+    """Per-connection limits and timers, all from the config (seconds / bytes)."""
+
+    handshake_timeout: float
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    message_read_timeout: float
+    write_timeout: float
+    max_message_bytes: int
+
+    @property
+    def close_timeout(self) -> float:
+        # How long we wait for the peer's close frame before dropping TCP; coder/websocket
+        # waits about 5 s, a short --write-timeout (tests) shortens it too.
+        return min(5.0, self.write_timeout)
+
+
+class WsHandler(TypingProtocol):
+    """What an endpoint session implements to receive WebSocket events."""
+
+    def on_message(self, data: bytes) -> None: ...
+    def on_writable(self) -> None: ...
+    def on_write_timeout(self) -> None: ...
+    def on_heartbeat_timeout(self) -> None: ...
+    def on_closed(self) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+class Router(TypingProtocol):
+    """Decides what to do with a complete request head: must call `respond()` or
+    `accept_websocket()` on the connection before returning."""
+
+    def route(self, conn: Connection, head: RequestHead) -> None: ...
+
+
+def websocket_handshake(head: RequestHead) -> bytes | None:
+    """The 101 response for a valid upgrade request, or None with `handshake_error()`.
+
+    Validation is websockets' own (key, version, Upgrade/Connection tokens); only the
+    status mapping follows coder/websocket: missing upgrade tokens or HTTP/1.0 → 426,
+    another method → 405, anything else wrong → 400.
+    """
+    headers = Headers(head.raw_headers)
+    request = Request(head.path, headers, method=head.method, protocol=f"HTTP/{head.http_version}")
+    resp = ServerProtocol(origins=None).accept(request)
+    if resp.status_code == 101:
+        return resp.serialize()
+    return None
+
+
+def handshake_error(head: RequestHead) -> bytes:
+    """The error response for a request `websocket_handshake` refused."""
+    connection = head.header("connection").lower()
+    upgrade = head.header("upgrade").lower()
+    if head.http_version != "1.1" or "upgrade" not in connection or "websocket" not in upgrade:
+        return upgrade_required()
+    if head.method != "GET":
+        return http_response(405, [("Allow", "GET")], b"\n")
+    return error_response(400)
+
+
+class Connection(asyncio.Protocol):
+    __slots__ = (
+        "_close_timer",
+        "_deadline",
+        "_fragments",
+        "_fragments_text",
+        "_hb_next",
+        "_hb_timer",
+        "_hb_waiting",
+        "_head",
+        "_live",
+        "_loop",
+        "_ping_seq",
+        "_pings",
+        "_reading_paused",
+        "_router",
+        "_settings",
+        "_timer",
+        "closing",
+        "handler",
+        "on_release",
+        "peer_host",
+        "timed_out_reading",
+        "transport",
+        "write_paused",
+        "ws",
+    )
+
+    def __init__(self, router: Router, settings: ConnSettings, live: set[Connection]) -> None:
+        self._router = router
+        self._settings = settings
+        self._live = live
+        self._loop = asyncio.get_running_loop()
+        self._head: HeadReader | None = HeadReader()
+        self._timer: asyncio.TimerHandle | None = None  # header-read deadline
+        self._deadline: asyncio.TimerHandle | None = None  # per-message read deadline
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._hb_timer: asyncio.TimerHandle | None = None
+        self._hb_next = 0.0
+        self._hb_waiting = False
+        self._pings: dict[bytes, Callable[[], None]] | None = None
+        self._ping_seq = 0
+        self._fragments: list[bytes] | None = None
+        self._fragments_text = False
+        self._reading_paused = False
+        self.transport: asyncio.Transport | None = None
+        self.ws: WsProtocol | None = None
+        self.handler: WsHandler | None = None
+        self.peer_host = ""
+        self.closing = False
+        self.write_paused = False
+        self.timed_out_reading = False
+        self.on_release: Callable[[], None] | None = None  # returns an admission slot
+
+    # -- asyncio.Protocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.peer_host = str(peer[0])
+        self._live.add(self)
+        self._timer = self._loop.call_later(self._settings.handshake_timeout, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self._ws_data(data)
+            return
+        head_reader = self._head
+        if head_reader is None:
+            return  # response sent; the rest is ignored until the close completes
+        try:
+            head = head_reader.feed(data)
+        except HttpError as exc:
+            self.respond(error_response(exc.status))
+            return
+        if head is None:
+            return
+        self._cancel_timer()
+        self._router.route(self, head)
+
+    def eof_received(self) -> bool | None:
+        ws = self.ws
+        if ws is not None:
+            ws.receive_eof()
+            self._flush()
+        return None  # let the transport close
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.handler is not None and self._timer is None:
+            self._timer = self._loop.call_later(self._settings.write_timeout, self._write_timeout)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._cancel_timer()
+        handler = self.handler
+        if handler is not None and not self.closing:
+            handler.on_writable()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._live.discard(self)
+        self._cancel_timer()
+        for timer in (self._deadline, self._close_timer, self._hb_timer):
+            if timer is not None:
+                timer.cancel()
+        self._deadline = self._close_timer = self._hb_timer = None
+        self._pings = None
+        self.closing = True
+        handler, self.handler = self.handler, None
+        if handler is not None:
+            handler.on_closed()
+        release, self.on_release = self.on_release, None
+        if release is not None:
+            release()
+
+    # -- HTTP phase -----------------------------------------------------------------
+
+    def respond(self, raw: bytes) -> None:
+        """Send a complete non-101 response and close the connection."""
+        self._head = None
+        self._cancel_timer()
+        transport = self.transport
+        if transport is not None:
+            transport.write(raw)
+            transport.close()
+
+    def accept_websocket(
+        self,
+        handshake: bytes,
+        handler: WsHandler,
+        write_high: int,
+        start: Callable[[], None],
+    ) -> None:
+        """Send the 101, switch to WebSocket frames and run `start` (the registry step)
+        before any early frame is read. `write_high` is the send-buffer size above which
+        writing counts as blocked (0: any unsent byte counts)."""
+        head_reader, self._head = self._head, None
+        transport = self.transport
+        assert transport is not None and head_reader is not None
+        self.ws = WsProtocol(Side.SERVER, state=OPEN, max_size=self._settings.max_message_bytes)
+        self.handler = handler
+        transport.set_write_buffer_limits(high=write_high, low=0)
+        transport.write(handshake)
+        start()
+        early = head_reader.trailing()
+        if early:
+            self._ws_data(early)
+
+    # -- WebSocket phase: inbound -------------------------------------------------
+
+    def _ws_data(self, data: bytes) -> None:
+        ws = self.ws
+        assert ws is not None
+        ws.receive_data(data)
+        for frame in ws.events_received():
+            assert isinstance(frame, Frame)  # after the handshake only frames arrive
+            opcode = frame.opcode
+            if opcode is _PONG:
+                self._on_pong(bytes(frame.data))
+                continue
+            if self.closing or (
+                opcode is not _TEXT and opcode is not _BINARY and opcode is not _CONT
+            ):
+                continue  # ping is answered by websockets; close is handled below
+            if frame.fin and self._fragments is None:
+                message = bytes(frame.data)
+                text = opcode is _TEXT
+            else:
+                if self._fragments is None:
+                    self._fragments = []
+                    self._fragments_text = opcode is _TEXT
+                self._fragments.append(bytes(frame.data))
+                if not frame.fin:
+                    continue
+                message = b"".join(self._fragments)
+                text = self._fragments_text
+                self._fragments = None
+            if text and not is_utf8(message):
+                self.close(1007, "invalid UTF-8")
+                continue
+            handler = self.handler
+            if handler is not None:
+                handler.on_message(message)
+        self._flush()
+        if not self.closing:
+            self._track_message_deadline(ws)
+
+    def _track_message_deadline(self, ws: WsProtocol) -> None:
+        # A message is in progress while a frame is half-read or a fragmented message is
+        # open; it must then complete within --message-read-timeout of its first byte.
+        # Idle time between messages is never limited (that is the heartbeat's job).
+        in_progress = self._fragments is not None or len(ws.reader.buffer) > 0
+        if in_progress:
+            if self._deadline is None:
+                self._deadline = self._loop.call_later(
+                    self._settings.message_read_timeout, self._message_deadline_expired
+                )
+        elif self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _message_deadline_expired(self) -> None:
+        self._deadline = None
+        self.timed_out_reading = True
+        self.close(1008, "message read timeout")
+
+    # -- WebSocket phase: outbound ------------------------------------------------
+
+    def send_text(self, data: bytes) -> bool:
+        """Queue one text frame on the socket; False once the connection is closing."""
+        ws = self.ws
+        if ws is None or self.closing:
+            return False
+        ws.send_text(data)
+        self._flush()
+        return True
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the close handshake; the TCP connection is dropped if the peer does not
+        answer within the close timeout. Idempotent."""
+        ws = self.ws
+        if ws is None:
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if self.closing:
+            return
+        self.closing = True
+        self._stop_timers()
+        if ws.state is OPEN:
+            ws.send_close(code, reason)
+            self._flush()
+        if self.transport is not None and not self.transport.is_closing():
+            self._close_timer = self._loop.call_later(
+                self._settings.close_timeout, self.transport.abort
+            )
+
+    def abort(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _flush(self) -> None:
+        ws = self.ws
+        transport = self.transport
+        assert ws is not None and transport is not None
+        for chunk in ws.data_to_send():
+            if chunk:
+                transport.write(chunk)
+            else:  # websockets signals "close the TCP connection" with an empty chunk
+                self.closing = True
+                self._stop_timers()
+                transport.close()
+                if self._close_timer is None:
+                    self._close_timer = self._loop.call_later(
+                        self._settings.close_timeout, transport.abort
+                    )
+
+    def _stop_timers(self) -> None:
+        for timer in (self._deadline, self._hb_timer):
+            if timer is not None:
+                timer.cancel()
+        self._deadline = self._hb_timer = None
+        self._pings = None
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _write_timeout(self) -> None:
+        self._timer = None
+        handler = self.handler
+        if handler is not None and not self.closing:
+            handler.on_write_timeout()
+        else:
+            self.abort()
+
+    # -- flow control toward the peer we read from ----------------------------------
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self.closing:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    # -- pings: heartbeat and conflict probe ----------------------------------------
+
+    def ping(self, on_pong: Callable[[], None]) -> bool:
+        """Send a ping; `on_pong` runs when its pong (or a later one) arrives."""
+        ws = self.ws
+        if ws is None or self.closing:
+            return False
+        self._ping_seq += 1
+        payload = str(self._ping_seq).encode()  # a decimal counter, like coder/websocket
+        if self._pings is None:
+            self._pings = {}
+        self._pings[payload] = on_pong
+        ws.send_ping(payload)
+        self._flush()
+        return True
+
+    def _on_pong(self, payload: bytes) -> None:
+        pings = self._pings
+        if not pings or payload not in pings:
+            return
+        # A peer may answer only the latest of several pings (RFC 6455 §5.5.3), so a pong
+        # also answers every ping sent before it.
+        answered = []
+        for key in list(pings):
+            answered.append(pings.pop(key))
+            if key == payload:
+                break
+        for callback in answered:
+            callback()
+
+    def start_heartbeat(self) -> None:
+        """Ping every interval on a fixed ticker; no pong within the timeout →
+        `handler.on_heartbeat_timeout()`."""
+        self._hb_next = self._loop.time() + self._settings.heartbeat_interval
+        self._hb_timer = self._loop.call_at(self._hb_next, self._heartbeat_tick)
+
+    def _heartbeat_tick(self) -> None:
+        if self.closing:
+            return
+        self._hb_next += self._settings.heartbeat_interval
+        self._hb_timer = self._loop.call_at(self._hb_next, self._heartbeat_tick)
+        if self._hb_waiting:
+            return  # the outstanding ping's own timeout decides
+        self._hb_waiting = True
+        timeout = self._loop.call_later(self._settings.heartbeat_timeout, self._heartbeat_missed)
+
+        def answered() -> None:
+            self._hb_waiting = False
+            timeout.cancel()
+
+        if not self.ping(answered):
+            timeout.cancel()
+
+    def _heartbeat_missed(self) -> None:
+        if self.closing or not self._hb_waiting:
+            return
+        handler = self.handler
+        if handler is not None:
+            handler.on_heartbeat_timeout()
+
+    # -- close information for the endpoint's teardown ----------------------------
+
+    @property
+    def peer_close_code(self) -> int | None:
+        """The code of the peer's close frame if the peer closed first (1005 when its
+        close frame had no status), else None."""
+        ws = self.ws
+        if ws is None or ws.close_rcvd is None or ws.close_rcvd_then_sent is False:
+            return None
+        return int(ws.close_rcvd.code)
+
+    @property
+    def relay_close_code(self) -> int | None:
+        """The code the relay sent if it closed first (including library closes such as
+        1009 for an over-size message), else None."""
+        ws = self.ws
+        if ws is None or ws.close_sent is None or ws.close_rcvd_then_sent:
+            return None
+        return int(ws.close_sent.code)
