@@ -1,0 +1,49 @@
+"""Outbox accounting: per-phone budget, relay-wide budget, in-flight item, clear."""
+
+from __future__ import annotations
+
+from pyrycode_relay.core.outbox import ITEM_OVERHEAD, BufferBudget, Item, Outbox
+
+
+def test_costs_and_fifo() -> None:
+    budget = BufferBudget(1 << 20)
+    box = Outbox(1000, budget)
+    assert box.push(Item(b"a" * 100, 0))
+    assert box.push(Item(None, 4401))
+    assert box.queued_bytes == 100 + 2 * ITEM_OVERHEAD == budget.used
+    first = box.pop()
+    assert first.frame == b"a" * 100 and box.inflight is first
+    assert box.queued_bytes == 228  # the item being written still counts
+    box.written()
+    assert box.queued_bytes == ITEM_OVERHEAD == budget.used
+    assert box.pop().close_code == 4401
+
+
+def test_per_phone_budget_is_exact() -> None:
+    box = Outbox(2 * (10 + ITEM_OVERHEAD), BufferBudget(1 << 20))
+    assert box.push(Item(b"x" * 10, 0))
+    assert box.push(Item(b"x" * 10, 0))
+    assert not box.push(Item(b"", 0))  # one more byte of overhead is over
+    assert len(box) == 2
+
+
+def test_relay_wide_budget_is_shared() -> None:
+    budget = BufferBudget(3 * ITEM_OVERHEAD)
+    a, b = Outbox(1 << 20, budget), Outbox(1 << 20, budget)
+    assert a.push(Item(b"", 0)) and b.push(Item(b"", 0)) and a.push(Item(b"", 0))
+    assert not b.push(Item(b"", 0))
+    a.clear()
+    assert a.closed and budget.used == ITEM_OVERHEAD
+    assert b.push(Item(b"", 0))
+
+
+def test_clear_returns_inflight_and_queued_bytes() -> None:
+    budget = BufferBudget(1 << 20)
+    box = Outbox(1 << 20, budget)
+    for _ in range(3):
+        box.push(Item(b"f" * 50, 0))
+    box.pop()
+    box.clear()
+    assert budget.used == 0 and box.queued_bytes == 0 and box.inflight is None
+    box.written()  # a late completion after clear must not double-release
+    assert budget.used == 0
