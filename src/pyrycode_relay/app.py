@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from functools import partial
 
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.endpoints.relay import Relay
@@ -41,6 +42,13 @@ class LiveConnections(set[Connection]):
             await self._empty.wait()
 
 
+def _internal_error(log: Logger, _loop: object, context: dict[str, object]) -> None:
+    """A bug in a callback: one allowlisted line (the exception type only — its text or a
+    traceback could carry peer data), instead of asyncio's default traceback dump."""
+    exc = context.get("exception")
+    log.error("internal error", err=type(exc).__name__ if exc is not None else "unknown")
+
+
 def conn_settings(config: Config) -> ConnSettings:
     return ConnSettings(
         handshake_timeout=config.handshake_timeout,
@@ -66,6 +74,7 @@ async def _listen(
 
 async def serve(config: Config, log: Logger, version: str) -> int:
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(partial(_internal_error, log))
     relay = Relay(config, log, version)
     settings = conn_settings(config)
     live = LiveConnections()

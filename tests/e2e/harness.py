@@ -358,3 +358,33 @@ def encode_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
         head += bytes([0x80 | 127]) + struct.pack("!Q", n)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     return head + mask + masked
+
+
+# -- appended helpers (registry lifecycle / close notice tests) ------------------------
+
+
+async def wait_metric(relay: Relay, series: str, value: float, timeout: float = 5.0) -> None:
+    """Poll `/metrics` until `series` (as parsed by `Relay.metrics`) equals `value`."""
+    async with asyncio.timeout(timeout):
+        while (await relay.metrics()).get(series) != value:
+            await asyncio.sleep(0.02)
+
+
+async def raw_read_close(raw: RawWs, timeout: float = 5.0) -> tuple[int | None, str, list[bytes]]:
+    """Reads from `raw` (answering nothing) until the relay's close frame. Returns
+    (code, reason, payloads of the data frames read before it); code is None if TCP ended
+    without a close frame, 1005 if the close frame carried no status."""
+    data: list[bytes] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                opcode, payload = await raw.read_frame(timeout)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return None, "", data
+            if opcode == 0x8:
+                if not payload:
+                    return 1005, "", data
+                code = int(struct.unpack("!H", payload[:2])[0])
+                return code, payload[2:].decode("utf-8", "replace"), data
+            if opcode in (0x0, 0x1, 0x2):
+                data.append(payload)

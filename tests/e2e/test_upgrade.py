@@ -7,7 +7,6 @@ import re
 import pytest
 
 from tests.e2e.harness import (
-    Relay,
     assert_silent,
     binary,
     closed_with,
@@ -19,12 +18,18 @@ from tests.e2e.harness import (
 )
 
 
-async def test_binary_valid_upgrade_registers(tmp_path: object) -> None:  # A1
+def upgrades(endpoint: str, outcome: str) -> str:
+    return f'pyrycode_relay_ws_upgrade_attempts_total{{endpoint="{endpoint}",outcome="{outcome}"}}'
+
+
+async def test_binary_valid_upgrade_registers() -> None:  # A1
     async with start_relay() as relay:
         b = await binary(relay, "s1")
         await relay.wait_counts(1, 0)
         await assert_silent(b)
-        await relay.wait_log("msg=server_claimed server_id=s1 binary_version=0.11.0 remote=127.0.0.1")
+        await relay.wait_log(
+            "msg=server_claimed server_id=s1 binary_version=0.11.0 remote=127.0.0.1"
+        )
 
 
 @pytest.mark.parametrize(
@@ -54,12 +59,11 @@ async def test_header_gate_400(endpoint: str, header: str, mode: str) -> None:  
         assert resp_headers["x-content-type-options"] == "nosniff"
         assert await relay.counts() == (0, 0)
         metrics = await relay.metrics()
-        key = f'pyrycode_relay_ws_upgrade_attempts_total{{endpoint="{endpoint}",outcome="reject_headers"}}'
-        assert metrics[key] == 1
+        assert metrics[upgrades(endpoint, "reject_headers")] == 1
         assert "x-pyrycode" not in relay.log.lower().replace("pyrycode_relay_", "")
 
 
-async def test_wrong_method_or_no_upgrade_is_4xx(relay_pair: None = None) -> None:  # A3
+async def test_wrong_method_or_no_upgrade_is_4xx() -> None:  # A3
     async with start_relay() as relay:
         good = upgrade_headers("server", "s1")
         no_upgrade = {k: v for k, v in good.items() if k not in ("Upgrade", "Connection")}
@@ -101,18 +105,8 @@ async def test_no_binary_4404() -> None:  # A7
         assert await closed_with(p) == (4404, "no server with that id")
         await relay.wait_counts(0, 0)
         m = await relay.metrics()
-        assert m['pyrycode_relay_ws_upgrade_attempts_total{endpoint="client",outcome="reject_404"}'] == 1
+        assert m[upgrades("client", "reject_404")] == 1
         assert m['pyrycode_relay_register_failures_total{kind="no_server"}'] == 1
-
-
-async def _at_cap(relay: Relay) -> None:
-    await binary(relay, "s1")
-    p1 = await phone(relay, "s1")
-    p2 = await phone(relay, "s1")
-    p3 = await phone(relay, "s1")
-    assert await closed_with(p3) == (4429, "too many phones for server-id")
-    await assert_silent(p1, 0.05)
-    await assert_silent(p2, 0.05)
 
 
 async def test_phone_cap_4429_recovery_and_independence() -> None:  # A8, A9
@@ -137,7 +131,7 @@ async def test_phone_cap_4429_recovery_and_independence() -> None:  # A8, A9
         await assert_silent(p4, 0.1)
         await relay.wait_counts(2, 3)
         m = await relay.metrics()
-        assert m['pyrycode_relay_ws_upgrade_attempts_total{endpoint="client",outcome="reject_429"}'] == 1
+        assert m[upgrades("client", "reject_429")] == 1
         assert m['pyrycode_relay_register_failures_total{kind="phones_at_cap"}'] == 1
 
 

@@ -98,7 +98,7 @@ class _RelayCollector:
         )
         counter(
             "pyrycode_relay_reclaim_evictions_total",
-            "Binaries reclaiming their server-id during grace, evicting the stale holder.",
+            "Phones closed 4404 because a binary reclaimed (grace) or took over their server-id.",
             [],
             {(): st.reclaim_evictions},
         )

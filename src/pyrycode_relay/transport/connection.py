@@ -13,6 +13,7 @@ connection or per message: everything runs in protocol callbacks and loop timers
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
@@ -36,6 +37,12 @@ from pyrycode_relay.transport.http import (
 from pyrycode_relay.transport.http import response as http_response
 
 _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
+
+# websockets logs through the stdlib; the relay's own logger is the only output we allow
+# (allowlisted keys), so its records go nowhere.
+_WS_LOGGER = logging.getLogger("pyrycode_relay.websockets")
+_WS_LOGGER.addHandler(logging.NullHandler())
+_WS_LOGGER.propagate = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +90,7 @@ def websocket_handshake(head: RequestHead) -> bytes | None:
     """
     headers = Headers(head.raw_headers)
     request = Request(head.path, headers, method=head.method, protocol=f"HTTP/{head.http_version}")
-    resp = ServerProtocol(origins=None).accept(request)
+    resp = ServerProtocol(origins=None, logger=_WS_LOGGER).accept(request)
     if resp.status_code == 101:
         return resp.serialize()
     return None
@@ -100,15 +107,26 @@ def handshake_error(head: RequestHead) -> bytes:
     return error_response(400)
 
 
+def _wire_size(payload_length: int) -> int:
+    """Bytes a client frame with this payload occupies on the wire: 2 header bytes, the
+    extended length (RFC 6455 requires the minimal encoding), and the 4-byte mask every
+    client frame carries (websockets refuses unmasked ones)."""
+    if payload_length < 126:
+        return 6 + payload_length
+    if payload_length < 65536:
+        return 8 + payload_length
+    return 14 + payload_length
+
+
 class Connection(asyncio.Protocol):
     __slots__ = (
         "_close_timer",
         "_deadline",
         "_fragments",
         "_fragments_text",
+        "_hb_deadline",
         "_hb_next",
         "_hb_timer",
-        "_hb_waiting",
         "_head",
         "_live",
         "_loop",
@@ -116,6 +134,7 @@ class Connection(asyncio.Protocol):
         "_pings",
         "_reading_paused",
         "_router",
+        "_rx_partial",
         "_settings",
         "_timer",
         "closing",
@@ -139,12 +158,13 @@ class Connection(asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._hb_timer: asyncio.TimerHandle | None = None
         self._hb_next = 0.0
-        self._hb_waiting = False
+        self._hb_deadline: asyncio.TimerHandle | None = None  # an unanswered heartbeat ping
         self._pings: dict[bytes, Callable[[], None]] | None = None
         self._ping_seq = 0
         self._fragments: list[bytes] | None = None
         self._fragments_text = False
         self._reading_paused = False
+        self._rx_partial = 0  # bytes received that no complete frame has accounted for
         self.transport: asyncio.Transport | None = None
         self.ws: WsProtocol | None = None
         self.handler: WsHandler | None = None
@@ -205,10 +225,10 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._live.discard(self)
         self._cancel_timer()
-        for timer in (self._deadline, self._close_timer, self._hb_timer):
+        for timer in (self._deadline, self._close_timer, self._hb_timer, self._hb_deadline):
             if timer is not None:
                 timer.cancel()
-        self._deadline = self._close_timer = self._hb_timer = None
+        self._deadline = self._close_timer = self._hb_timer = self._hb_deadline = None
         self._pings = None
         self.closing = True
         handler, self.handler = self.handler, None
@@ -242,7 +262,12 @@ class Connection(asyncio.Protocol):
         head_reader, self._head = self._head, None
         transport = self.transport
         assert transport is not None and head_reader is not None
-        self.ws = WsProtocol(Side.SERVER, state=OPEN, max_size=self._settings.max_message_bytes)
+        self.ws = WsProtocol(
+            Side.SERVER,
+            state=OPEN,
+            max_size=self._settings.max_message_bytes,
+            logger=_WS_LOGGER,
+        )
         self.handler = handler
         transport.set_write_buffer_limits(high=write_high, low=0)
         transport.write(handshake)
@@ -257,8 +282,10 @@ class Connection(asyncio.Protocol):
         ws = self.ws
         assert ws is not None
         ws.receive_data(data)
+        partial = self._rx_partial + len(data)
         for frame in ws.events_received():
             assert isinstance(frame, Frame)  # after the handshake only frames arrive
+            partial -= _wire_size(len(frame.data))
             opcode = frame.opcode
             if opcode is _PONG:
                 self._on_pong(bytes(frame.data))
@@ -286,15 +313,18 @@ class Connection(asyncio.Protocol):
             handler = self.handler
             if handler is not None:
                 handler.on_message(message)
+        self._rx_partial = partial
         self._flush()
         if not self.closing:
-            self._track_message_deadline(ws)
+            self._track_message_deadline()
 
-    def _track_message_deadline(self, ws: WsProtocol) -> None:
-        # A message is in progress while a frame is half-read or a fragmented message is
-        # open; it must then complete within --message-read-timeout of its first byte.
-        # Idle time between messages is never limited (that is the heartbeat's job).
-        in_progress = self._fragments is not None or len(ws.reader.buffer) > 0
+    def _track_message_deadline(self) -> None:
+        # A message is in progress while a frame is half-read (bytes arrived that no
+        # complete frame accounts for — the parser may already hold its header) or a
+        # fragmented message is open; it must then complete within
+        # --message-read-timeout of its first byte. Idle time between messages is never
+        # limited (that is the heartbeat's job).
+        in_progress = self._fragments is not None or self._rx_partial > 0
         if in_progress:
             if self._deadline is None:
                 self._deadline = self._loop.call_later(
@@ -362,10 +392,10 @@ class Connection(asyncio.Protocol):
                     )
 
     def _stop_timers(self) -> None:
-        for timer in (self._deadline, self._hb_timer):
+        for timer in (self._deadline, self._hb_timer, self._hb_deadline):
             if timer is not None:
                 timer.cancel()
-        self._deadline = self._hb_timer = None
+        self._deadline = self._hb_timer = self._hb_deadline = None
         self._pings = None
         self._cancel_timer()
 
@@ -436,23 +466,24 @@ class Connection(asyncio.Protocol):
             return
         self._hb_next += self._settings.heartbeat_interval
         self._hb_timer = self._loop.call_at(self._hb_next, self._heartbeat_tick)
-        if self._hb_waiting:
-            return  # the outstanding ping's own timeout decides
-        self._hb_waiting = True
-        timeout = self._loop.call_later(self._settings.heartbeat_timeout, self._heartbeat_missed)
+        if self._hb_deadline is not None:
+            return  # the outstanding ping's own deadline decides
+        self._hb_deadline = self._loop.call_later(
+            self._settings.heartbeat_timeout, self._heartbeat_missed
+        )
+        if not self.ping(self._heartbeat_answered):
+            self._hb_deadline.cancel()
+            self._hb_deadline = None
 
-        def answered() -> None:
-            self._hb_waiting = False
-            timeout.cancel()
-
-        if not self.ping(answered):
-            timeout.cancel()
+    def _heartbeat_answered(self) -> None:
+        if self._hb_deadline is not None:
+            self._hb_deadline.cancel()
+            self._hb_deadline = None
 
     def _heartbeat_missed(self) -> None:
-        if self.closing or not self._hb_waiting:
-            return
+        self._hb_deadline = None
         handler = self.handler
-        if handler is not None:
+        if handler is not None and not self.closing:
             handler.on_heartbeat_timeout()
 
     # -- close information for the endpoint's teardown ----------------------------
