@@ -166,19 +166,24 @@ async def start_relay(
         assert TOKEN not in relay.log, "a device token reached the logs"
 
 
-async def run_relay(*flags: str, env: Mapping[str, str] | None = None) -> tuple[int, str]:
-    """Run the relay to completion (for boot refusals): (exit code, stderr)."""
+async def run_command(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """Run a command to completion (bounded): (exit code, stdout and stderr together)."""
     proc = await asyncio.create_subprocess_exec(
-        *relay_command(*flags),
+        *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
         env=relay_env(env),
     )
     async with asyncio.timeout(10):
-        out, err = await proc.communicate()
+        out, _ = await proc.communicate()
     assert proc.returncode is not None
-    return proc.returncode, (out + err).decode("utf-8", "replace")
+    return proc.returncode, out.decode("utf-8", "replace")
+
+
+async def run_relay(*flags: str, env: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """Run the relay to completion (for boot refusals): (exit code, its output)."""
+    return await run_command(relay_command(*flags), env)
 
 
 # -- WebSocket fakes ------------------------------------------------------------------

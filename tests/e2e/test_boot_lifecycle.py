@@ -33,6 +33,7 @@ from tests.e2e.harness import (
     recv_json,
     relay_command,
     relay_env,
+    run_command,
     run_relay,
     start_relay,
     upgrade_headers,
@@ -201,20 +202,6 @@ needs_setpriv = pytest.mark.skipif(
     not os.environ.get("CI") and (os.geteuid() != 0 or shutil.which("setpriv") is None),
     reason="needs root and setpriv (always run in CI)",
 )
-
-
-async def run_command(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=relay_env(env),
-    )
-    async with asyncio.timeout(10):
-        out, _ = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode("utf-8", "replace")
 
 
 @needs_setpriv
