@@ -21,7 +21,6 @@ from pyrycode_relay.endpoints.router import MainRouter, MetricsRouter
 from pyrycode_relay.ops.boot import (
     ENV_FCM_CREDENTIALS,
     EXIT_CONFIG_REFUSED,
-    MSG_ENV,
     REASON_FCM_CREDENTIALS,
     parse_listen_address,
 )
@@ -92,7 +91,11 @@ async def serve(
         try:
             push_sender = build_sender(fcm_credentials, config.fcm_endpoint)
         except ValueError:
-            log.error(MSG_ENV, env_var=ENV_FCM_CREDENTIALS, reason=REASON_FCM_CREDENTIALS)
+            log.error(
+                "refusing to start: invalid env-var config",
+                env_var=ENV_FCM_CREDENTIALS,
+                reason=REASON_FCM_CREDENTIALS,
+            )
             return EXIT_CONFIG_REFUSED
     relay = Relay(config, log, version, push_sender)
     settings = conn_settings(config)
