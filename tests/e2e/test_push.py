@@ -163,6 +163,21 @@ async def test_refused_wakes_drop_and_continue() -> None:  # G55
         assert fake.requests == []
 
 
+async def test_invalid_utf8_in_binary_opcode_messages_is_dropped() -> None:  # §3.5, §7.7
+    # A binary-opcode message skips the text-frame UTF-8 check; invalid UTF-8 inside a decoded
+    # string once escaped the envelope decoder as UnicodeDecodeError and killed the binary.
+    async with push_relay() as (relay, fake):
+        b, p, cid = await paired(relay, "s1")
+        await b.send(b'{"conn_id":"\xff","frame":1}')
+        await b.send(b'{"push_wake":{"platform":"fcm","token":"\xff"}}')
+        await b.send(json.dumps({"conn_id": cid, "frame": "still up"}))
+        assert await recv_json(p) == "still up"
+        await relay.wait_log('err="relay: malformed routing envelope"')
+        await relay.wait_log('err="relay: malformed push_wake"')
+        assert "internal error" not in relay.log
+        assert fake.requests == []
+
+
 async def test_push_off_refuses_even_malformed_wakes() -> None:  # G55 push off, §12 step 1
     async with start_relay() as relay:
         b, p, cid = await paired(relay, "s1")

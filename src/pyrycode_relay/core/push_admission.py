@@ -53,7 +53,7 @@ def parse_push_wake(raw: bytes) -> dict[str, str] | None:
     a number, a nested value, invalid UTF-8 or JSON)."""
     try:
         return _decode_push_wake(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for bad UTF-8
         return None
 
 

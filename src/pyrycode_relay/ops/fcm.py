@@ -180,12 +180,15 @@ class FcmClient:
     """Sends wakes for one service account. Concurrent sends share one access token and at
     most one token fetch at a time; `aclose()` cancels the fetch and closes the pool."""
 
-    def __init__(self, account: ServiceAccount, endpoint: str) -> None:
+    def __init__(
+        self, account: ServiceAccount, endpoint: str, *, timeout: float = HTTP_TIMEOUT
+    ) -> None:
         self._account = account
         self._url = f"{endpoint.rstrip('/')}/v1/projects/{FCM_PROJECT}/messages:send"
+        self._timeout = timeout
         # Redirects are failures (a 3xx is reported, never followed). httpx's timeout is per
         # operation; asyncio.timeout below bounds each whole call.
-        self._http = httpx.AsyncClient(follow_redirects=False, timeout=HTTP_TIMEOUT)
+        self._http = httpx.AsyncClient(follow_redirects=False, timeout=timeout)
         self._access_token = ""
         self._expires_at = 0.0  # time.monotonic()
         self._fetch: asyncio.Task[str] | None = None
@@ -198,7 +201,7 @@ class FcmClient:
             return SendResult(OUTCOME_TOKEN_FETCH_FAILED, str(exc))
         headers = {"Authorization": f"Bearer {access_token}", "Content-Type": "application/json"}
         try:
-            async with asyncio.timeout(HTTP_TIMEOUT):
+            async with asyncio.timeout(self._timeout):
                 request = self._http.stream(
                     "POST", self._url, content=message_body(token), headers=headers
                 )
@@ -233,7 +236,7 @@ class FcmClient:
             assertion: bytes = jwt.encode(account.signer, claims)  # type: ignore[no-untyped-call]
             form = urlencode({"grant_type": GRANT_TYPE, "assertion": assertion.decode("ascii")})
             started = time.monotonic()
-            async with asyncio.timeout(HTTP_TIMEOUT):
+            async with asyncio.timeout(self._timeout):
                 request = self._http.stream(
                     "POST",
                     account.token_uri,
