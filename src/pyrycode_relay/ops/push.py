@@ -117,8 +117,8 @@ class PushWaker:
                 err=decision.err,
             )
             return
-        # One task per admitted wake (ADR 0006): wakes are rare and at most
-        # --push-max-in-flight exist at once.
+        # One task per admitted wake (ADR "push wake: one asyncio task per admitted wake"):
+        # wakes are rare and at most --push-max-in-flight exist at once.
         fp = token_fp(token)
         started = self._clock()
         task = self._loop.create_task(self._send(server_id, fp, token, started))
