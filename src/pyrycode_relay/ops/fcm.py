@@ -268,4 +268,5 @@ class FcmClient:
         fetch = self._fetch
         if fetch is not None and not fetch.done():
             fetch.cancel()
+            await asyncio.gather(fetch, return_exceptions=True)  # let it unwind before the pool
         await self._http.aclose()
