@@ -1,9 +1,11 @@
 """The relay's lifecycle: listeners up, serve until a signal, then a bounded drain.
 
-Owns: binding the main and metrics listeners, the periodic rate-limiter sweep, signal
+Owns: binding the main and metrics listeners, building the push sender when
+PYRYCODE_RELAY_FCM_CREDENTIALS is set, the periodic rate-limiter sweep, signal
 handling (SIGTERM/SIGINT start the drain; a second signal is ignored), closing every
 WebSocket with 1001 `shutting down` within --drain-timeout, and the exit code
-(0 after a signal, 1 when a listener fails).
+(0 after a signal, 1 when a listener fails), then closing the push waker (in-flight sends
+are cancelled).
 Must never: validate configuration (ops.boot did) or touch frames.
 """
 
@@ -16,9 +18,15 @@ from functools import partial
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.endpoints.relay import Relay
 from pyrycode_relay.endpoints.router import MainRouter, MetricsRouter
-from pyrycode_relay.ops.boot import parse_listen_address
+from pyrycode_relay.ops.boot import (
+    ENV_FCM_CREDENTIALS,
+    EXIT_CONFIG_REFUSED,
+    REASON_FCM_CREDENTIALS,
+    parse_listen_address,
+)
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.metrics import MetricsExporter
+from pyrycode_relay.ops.push import build_sender
 from pyrycode_relay.transport.connection import Connection, ConnSettings, Router
 
 RATE_LIMIT_SWEEP_SECONDS = 300.0  # reference §8.3
@@ -72,10 +80,24 @@ async def _listen(
     return await loop.create_server(factory, host or None, port, backlog=4096)
 
 
-async def serve(config: Config, log: Logger, version: str) -> int:
+async def serve(
+    config: Config, log: Logger, version: str, fcm_credentials: str | None = None
+) -> int:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(partial(_internal_error, log))
-    relay = Relay(config, log, version)
+    push_sender = None
+    if fcm_credentials is not None:
+        # Reference §9.3 step 10; ops.boot already validated the key, so this is not expected.
+        try:
+            push_sender = build_sender(fcm_credentials, config.fcm_endpoint)
+        except ValueError:
+            log.error(
+                "refusing to start: invalid env-var config",
+                env_var=ENV_FCM_CREDENTIALS,
+                reason=REASON_FCM_CREDENTIALS,
+            )
+            return EXIT_CONFIG_REFUSED
+    relay = Relay(config, log, version, push_sender)
     settings = conn_settings(config)
     live = LiveConnections()
     servers: list[asyncio.Server] = []
@@ -86,7 +108,10 @@ async def serve(config: Config, log: Logger, version: str) -> int:
             address = config.metrics_listen
             log.info("starting metrics listener", addr=address)
             exporter = MetricsExporter(
-                relay.stats, relay.registry.counts, lambda: relay.budget.used
+                relay.stats,
+                relay.registry.counts,
+                lambda: relay.budget.used,
+                relay.push.outcomes if relay.push.enabled else None,
             )
             servers.append(await _listen(address, MetricsRouter(exporter), settings, live))
     except OSError as exc:
@@ -94,9 +119,11 @@ async def serve(config: Config, log: Logger, version: str) -> int:
         log.error("listener error; draining")
         for server in servers:
             server.close()
+        await relay.push.close()
         return 1
 
-    log.info("push off: PYRYCODE_RELAY_FCM_CREDENTIALS unset")
+    if not relay.push.enabled:
+        log.info("push off: PYRYCODE_RELAY_FCM_CREDENTIALS unset")
     log.info("starting", version=version, mode="insecure", listen=config.insecure_listen)
 
     def sweep() -> None:
@@ -115,6 +142,7 @@ async def serve(config: Config, log: Logger, version: str) -> int:
 
     log.info("shutdown signal received; draining")
     await drain(relay, servers, live, log)
+    await relay.push.close()  # after the drain, as the reference does: cancels in-flight sends
     return 0
 
 

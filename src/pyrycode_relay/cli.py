@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from pyrycode_relay import __version__
 from pyrycode_relay.core.config import Config, ConfigError, HelpRequested, parse_args, usage
-from pyrycode_relay.ops.boot import BootRefusal, check_boot
+from pyrycode_relay.ops.boot import ENV_FCM_CREDENTIALS, BootRefusal, check_boot
 from pyrycode_relay.ops.log import Logger
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
@@ -29,7 +29,7 @@ def _proc_status() -> str | None:
         return None
 
 
-def _run(config: Config, log: Logger) -> int:
+def _run(config: Config, log: Logger, fcm_credentials: str | None) -> int:
     from pyrycode_relay.app import serve
 
     if not config.insecure_listen:
@@ -43,8 +43,8 @@ def _run(config: Config, log: Logger) -> int:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(config, log, __version__))
-    return uvloop.run(serve(config, log, __version__))
+        return asyncio.run(serve(config, log, __version__, fcm_credentials))
+    return uvloop.run(serve(config, log, __version__, fcm_credentials))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.record("error", refusal.msg, refusal.fields)
         return refusal.exit_code
     try:
-        return _run(config, log)
+        # The key goes to the push sender only; it is never part of Config (which is printed
+        # in errors and tests) nor logged.
+        return _run(config, log, os.environ.get(ENV_FCM_CREDENTIALS))
     except KeyboardInterrupt:
         return EXIT_OK

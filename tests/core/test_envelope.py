@@ -87,6 +87,8 @@ def test_binary_frame_span_is_exact(value: Any, indent: int | None, conn_id: str
         (b'{"conn_id":"a","close_code":70000}', ERR_MALFORMED),
         (b'{"conn_id":"a","close_code":4401.0}', ERR_MALFORMED),
         (b'{"conn_id":"a","frame":"\xff"}', ERR_MALFORMED),
+        (b'{"conn_id":"\xff","frame":1}', ERR_MALFORMED),  # msgspec: UnicodeDecodeError
+        (b'{"conn_id":"a","frame":1,"x":"\xff"}', ERR_MALFORMED),
         (b"{}", ERR_MISSING_CONN_ID),
         (b'{"conn_id":""}', ERR_MISSING_CONN_ID),
         (b'{"conn_id":null,"frame":{}}', ERR_MISSING_CONN_ID),

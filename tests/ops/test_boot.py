@@ -13,6 +13,7 @@ from pyrycode_relay.ops.boot import (
     parse_cap_eff,
     parse_listen_address,
 )
+from tests.e2e.fake_google import service_account
 
 INSECURE = ["--insecure-listen", "127.0.0.1:8080"]
 DOMAIN = ["--domain", "relay.example"]
@@ -157,8 +158,34 @@ def test_env_checked_before_multi_instance() -> None:
     assert r.fields["env_var"] == "PYRYCODE_RELAY_SINGLE_INSTANCE"
 
 
-def test_fcm_credentials_not_checked_here() -> None:
-    boot(cfg(*DOMAIN), {"PYRYCODE_RELAY_FCM_CREDENTIALS": "garbage"})
+FCM_REASON = (
+    "relay: invalid env-var config: PYRYCODE_RELAY_FCM_CREDENTIALS: "
+    "not a service-account JSON key (value withheld)"
+)
+
+
+@pytest.mark.parametrize("value", ["garbage-s3cr3t", "", '{"type":"service_account"}'])
+def test_fcm_credentials_refused_without_echo(value: str) -> None:
+    r = refusal(cfg(*DOMAIN), {"PYRYCODE_RELAY_FCM_CREDENTIALS": value})
+    assert r.msg == "refusing to start: invalid env-var config"
+    assert r.fields["env_var"] == "PYRYCODE_RELAY_FCM_CREDENTIALS"
+    assert r.fields["reason"] == FCM_REASON
+    assert all("s3cr3t" not in v for v in r.fields.values())
+
+
+def test_fcm_credentials_valid_key_accepted() -> None:
+    boot(cfg(*DOMAIN), {"PYRYCODE_RELAY_FCM_CREDENTIALS": service_account(None)})
+
+
+def test_fcm_credentials_checked_with_the_env_vars() -> None:
+    # step 5, after the two flag-like variables and before the multi-instance check
+    r = refusal(
+        cfg(*DOMAIN),
+        {"PYRYCODE_RELAY_PRODUCTION": "true", "PYRYCODE_RELAY_FCM_CREDENTIALS": "x"},
+    )
+    assert r.fields["env_var"] == "PYRYCODE_RELAY_PRODUCTION"
+    r = refusal(cfg(*DOMAIN), {"FLY_APP_NAME": "x", "PYRYCODE_RELAY_FCM_CREDENTIALS": "x"})
+    assert r.fields["env_var"] == "PYRYCODE_RELAY_FCM_CREDENTIALS"
 
 
 # --- 5. multi-instance ------------------------------------------------------------------------

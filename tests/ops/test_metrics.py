@@ -157,3 +157,23 @@ def test_default_registry_untouched() -> None:
     setup()[2].render()
     assert b"pyrycode_relay" not in before
     assert b"pyrycode_relay" not in prometheus_client.generate_latest(prometheus_client.REGISTRY)
+
+
+def test_push_series_only_when_push_is_on() -> None:
+    from pyrycode_relay.ops.push import OUTCOMES
+
+    stats, live = RelayStats(), Live()
+    outcomes = dict.fromkeys(OUTCOMES, 0)
+    exp = MetricsExporter(stats, live.counts, live.outbox_bytes, outcomes)
+    push = {f'pyrycode_relay_push_wakes_total{{outcome="{o}"}}' for o in OUTCOMES}
+    got = samples(exp.render()[0])
+    assert set(got) == expected_series() | push
+    assert all(got[s] == 0 for s in push)
+    outcomes["sent"] += 2
+    outcomes["dropped"] += 1
+    got = samples(exp.render()[0])
+    assert got['pyrycode_relay_push_wakes_total{outcome="sent"}'] == 2
+    assert got['pyrycode_relay_push_wakes_total{outcome="dropped"}'] == 1
+    # push off (the default): the family does not exist at all
+    _, _, off = setup()
+    assert b"push_wakes" not in off.render()[0]

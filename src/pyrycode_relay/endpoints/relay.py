@@ -1,7 +1,7 @@
 """The state one relay process shares between its endpoints.
 
-Owns: wiring the pure core pieces (registry, limiter, caps, budget, counters) together
-with the config and the logger, grace-timer scheduling and grace expiry, and the
+Owns: wiring the pure core pieces (registry, limiter, caps, budget, counters) and the push
+waker together with the config and the logger, grace-timer scheduling and grace expiry, and the
 `shutting_down` flag.
 Must never: hold per-connection state; sessions own that.
 """
@@ -19,6 +19,7 @@ from pyrycode_relay.core.ratelimit import TokenBucketLimiter
 from pyrycode_relay.core.registry import GraceToken, Registry
 from pyrycode_relay.core.stats import RelayStats
 from pyrycode_relay.ops.log import Logger
+from pyrycode_relay.ops.push import PushSender, PushWaker
 
 if TYPE_CHECKING:
     from pyrycode_relay.endpoints.client import PhoneSession
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
 
 
 class Relay:
-    def __init__(self, config: Config, log: Logger, version: str) -> None:
+    def __init__(
+        self, config: Config, log: Logger, version: str, push_sender: PushSender | None = None
+    ) -> None:
         self.config = config
         self.log = log
         self.version = version
@@ -38,6 +41,7 @@ class Relay:
         )
         self.caps = ConnectionCaps(config.max_connections, config.max_connections_per_ip)
         self.budget = BufferBudget(config.max_buffered_bytes)
+        self.push = PushWaker(config, log, push_sender)  # push off when there is no sender
         self.started = time.monotonic()
         self.shutting_down = False
 

@@ -4,7 +4,8 @@ Owns: the claim (free / reclaim / conflict probe / takeover, reference §5.1-§5
 binary forwarder (envelopes → phone outboxes, §3.5 and §7.7: a bad envelope is dropped
 and the binary stays up), back-pressure toward phones while the binary's socket is
 congested, and the release into grace when the connection ends.
-Must never: wait on a phone's socket. Phone delivery only enqueues (endpoints.client).
+Must never: wait on a phone's socket or on a push send. Phone delivery only enqueues
+(endpoints.client); a push wake only schedules its send (ops.push).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from pyrycode_relay.transport.connection import Connection
 if TYPE_CHECKING:
     from pyrycode_relay.endpoints.client import PhoneSession
     from pyrycode_relay.endpoints.relay import Relay
-
-ERR_PUSH_OFF = "relay: push is off"
 
 
 class BinarySession:
@@ -139,13 +138,8 @@ class BinarySession:
             )
             return
         conn_id = env.conn_id
-        if not conn_id:  # a push-wake request; push arrives with a later issue
-            relay.log.warn(
-                "binary_forwarder_push_wake_dropped",
-                server_id=server_id,
-                binary_conn_id=self.conn_id,
-                err=ERR_PUSH_OFF,
-            )
+        if not conn_id:  # a push-wake request: decided now, sent in the background
+            relay.push.wake(server_id, self.conn_id, bytes(env.push_wake))
             return
         phone = registry.phone(server_id, conn_id)
         if phone is None:

@@ -1,6 +1,7 @@
 """Boot-time refusals: the configuration checks that end the process with exit code 2.
 
-Owns: the reference's refusal order (§9.3 steps 2-9, 11, 13), its log event names and reasons,
+Owns: the reference's refusal order (§9.3 steps 2-9, 11, 13; step 5 includes validating the
+PYRYCODE_RELAY_FCM_CREDENTIALS key), its log event names and reasons,
 the Linux capability allowlist and listener-address parsing. Must never: log (the caller logs
 `BootRefusal.msg` with `BootRefusal.fields`), read the process state itself (euid, /proc and the
 platform are passed in so every branch is testable), or put an environment variable's value into
@@ -26,6 +27,7 @@ EXIT_CONFIG_REFUSED: Final = 2
 ENV_PRODUCTION: Final = "PYRYCODE_RELAY_PRODUCTION"
 ENV_SINGLE_INSTANCE: Final = "PYRYCODE_RELAY_SINGLE_INSTANCE"
 ENV_FLY_APP_NAME: Final = "FLY_APP_NAME"
+ENV_FCM_CREDENTIALS: Final = "PYRYCODE_RELAY_FCM_CREDENTIALS"
 
 # The only keys a refusal may carry into the log (reference §13, keys used by main.go).
 ALLOWED_FIELD_KEYS: Final = frozenset(
@@ -60,6 +62,10 @@ REASON_ROOT_PROD: Final = (
 )
 REASON_CAPS: Final = "relay: process has unexpected effective Linux capabilities"
 REASON_METRICS: Final = "relay: metrics listener bind address must be a loopback IP literal"
+REASON_FCM_CREDENTIALS: Final = (
+    f"relay: invalid env-var config: {ENV_FCM_CREDENTIALS}: "
+    "not a service-account JSON key (value withheld)"
+)
 
 # Flags that only configure the TLS listeners and therefore do nothing in insecure mode. The
 # first three are the reference's; the rest are our additions and get the same treatment.
@@ -128,6 +134,10 @@ _FIX_INSECURE_EXCLUSIVE: Final = (
 )
 _FIX_MAX_CONNECTIONS: Final = "pass a positive connection count, or omit the flag for the default"
 _FIX_ENV: Final = 'set the variable to exactly "1" or unset it'
+_FIX_FCM_CREDENTIALS: Final = (
+    "set it to the whole service-account JSON key file (type service_account, client_email, "
+    "an RSA private_key), or unset it to run with push off"
+)
 _FIX_MULTI_INSTANCE: Final = (
     "set PYRYCODE_RELAY_SINGLE_INSTANCE=1 in the deploy manifest (e.g. fly.toml [env]) to assert "
     "single-instance intent, or use --cluster-redis"
@@ -225,6 +235,8 @@ def check_boot(
                     "fix": _FIX_ENV,
                 },
             )
+    if ENV_FCM_CREDENTIALS in environ:
+        _check_fcm_credentials(environ[ENV_FCM_CREDENTIALS])
     production = environ.get(ENV_PRODUCTION) == "1"
 
     # Cluster mode is exactly the multi-instance deploy this guard exists to stop otherwise.
@@ -275,6 +287,26 @@ def check_boot(
             parse_listen_address(addr)
         except ValueError as exc:
             raise BootRefusal(MSG_LISTENER, {"reason": str(exc), "addr": addr}) from None
+
+
+def _check_fcm_credentials(value: str) -> None:
+    """Set (even to "") means push is wanted: the key must be usable, or the boot is refused.
+    The parser's error never carries the value, and neither does the refusal."""
+    # Imported here: the key parser pulls in google-auth and cryptography, which a relay
+    # without push never needs at start-up.
+    from pyrycode_relay.ops.fcm import CredentialsError, parse_service_account
+
+    try:
+        parse_service_account(value)
+    except CredentialsError:
+        raise BootRefusal(
+            MSG_ENV,
+            {
+                "env_var": ENV_FCM_CREDENTIALS,
+                "reason": REASON_FCM_CREDENTIALS,
+                "fix": _FIX_FCM_CREDENTIALS,
+            },
+        ) from None
 
 
 def _check_capabilities(proc_status: str | None) -> None:

@@ -114,6 +114,13 @@ class _RelayCollector:
             ["scope"],
             {(s,): v for s, v in st.cap_rejections.items()},
         )
+        if x.push_outcomes is not None:  # only when push is configured (reference §12)
+            counter(
+                "pyrycode_relay_push_wakes_total",
+                "Push-wake requests by outcome.",
+                ["outcome"],
+                {(o,): v for o, v in x.push_outcomes.items()},
+            )
         gauge(
             "pyrycode_relay_outbox_bytes",
             "Bytes queued in all phone outboxes together.",
@@ -125,17 +132,20 @@ class _RelayCollector:
 
 
 class MetricsExporter:
-    """Renders `/metrics` from a `RelayStats`, a live-count source and an outbox-size source."""
+    """Renders `/metrics` from a `RelayStats`, a live-count source, an outbox-size source and,
+    when push is on, the push waker's outcome counts."""
 
     def __init__(
         self,
         stats: RelayStats,
         counts: Callable[[], tuple[int, int]],
         outbox_bytes: Callable[[], int],
+        push_outcomes: dict[str, int] | None = None,
     ) -> None:
         self.stats = stats
         self.counts = counts
         self.outbox_bytes = outbox_bytes
+        self.push_outcomes = push_outcomes  # None: push is off, the series does not exist
         self.in_flight = 0
         self.handler_requests: dict[str, int] = dict.fromkeys(_HANDLER_CODES, 0)
         # A private registry: the global one would add process_/python_/gc series.
