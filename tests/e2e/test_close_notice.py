@@ -166,17 +166,18 @@ async def test_notice_follows_last_frame() -> None:  # D40
 
 async def test_backlog_overflow_notice_1011() -> None:  # README §3 decision 1 (E43)
     frame_chars = 256 * 1024 - 200
-    async with start_relay("--phone-outbox-bytes=1MiB", "--write-timeout=1s") as relay:
+    # The write timeout must not win the race against the overflow on a loaded machine.
+    async with start_relay("--phone-outbox-bytes=1MiB", "--write-timeout=30s") as relay:
         b = await binary(relay, SID)
         raw, cid = await raw_phone(relay, b)  # never reads from now on
         try:
             big = json.dumps({"conn_id": cid, "frame": "x" * frame_chars})
-            for _ in range(120):
+            # loopback absorbs a few MiB before the outbox fills; 60 frames is ~15 MiB
+            for _ in range(60):
                 if relay.count_log('err="relay: phone delivery backlog full"'):
                     break
                 await b.send(big)
-            else:
-                raise AssertionError("the stalled phone's outbox never overflowed")
+            await relay.wait_log('err="relay: phone delivery backlog full"', timeout=10)
             await relay.wait_log("msg=binary_forwarder_phone_enqueue_failed server_id=s1")
             assert await recv(b, timeout=5) == notice(cid, 1011)
             await relay.wait_counts(1, 0)

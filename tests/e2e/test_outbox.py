@@ -128,8 +128,13 @@ async def fill_until(
     raise AssertionError("the stalled phone's outbox never filled")
 
 
+# Tests that stall a phone on purpose give it a write timeout that cannot fire first on a
+# loaded CI machine; the write-timeout path has its own test below.
+PATIENT = "--write-timeout=30s"
+
+
 async def test_stalled_phone_does_not_block_others() -> None:  # E41
-    async with start_relay() as relay:
+    async with start_relay(PATIENT) as relay:
         b = await binary(relay, "s1")
         raw, stalled_id = await stalled_phone(relay, b, "s1")
         p2, p2_id = await reading_phone(relay, b, "s1")
@@ -158,7 +163,7 @@ async def test_stalled_phone_does_not_block_others() -> None:  # E41
 
 
 async def test_burst_of_300_delivered_in_order() -> None:  # E42
-    async with start_relay() as relay:
+    async with start_relay(PATIENT) as relay:
         b = await binary(relay, "s1")
         # max_queue=1: the client stops reading its socket while we do not call recv.
         p, p_id = await reading_phone(relay, b, "s1", max_queue=1)
@@ -177,7 +182,7 @@ async def test_burst_of_300_delivered_in_order() -> None:  # E42
 
 async def test_overflow_closes_1011_binary_and_others_unaffected() -> None:  # E43
     budget = 1 * MIB
-    async with start_relay("--phone-outbox-bytes=1MiB") as relay:
+    async with start_relay("--phone-outbox-bytes=1MiB", PATIENT) as relay:
         b = await binary(relay, "s1")
         raw, stalled_id = await stalled_phone(relay, b, "s1")
         p2, p2_id = await reading_phone(relay, b, "s1")
@@ -208,7 +213,7 @@ async def test_overflow_closes_1011_binary_and_others_unaffected() -> None:  # E
 
 async def test_overflow_on_close_directive_uses_its_code() -> None:  # E44
     budget = 1 * MIB
-    async with start_relay("--phone-outbox-bytes=1MiB") as relay:
+    async with start_relay("--phone-outbox-bytes=1MiB", PATIENT) as relay:
         b = await binary(relay, "s1")
         raw, stalled_id = await stalled_phone(relay, b, "s1")
         probe, probe_id = await reading_phone(relay, b, "s1")
@@ -252,7 +257,9 @@ async def test_write_timeout_closes_and_unregisters_phone() -> None:  # E45
 
 async def test_relay_wide_buffer_budget_closes_the_overflowing_phone() -> None:  # E43 + README §2
     budget = 600 * KIB
-    async with start_relay("--max-buffered-bytes=600KiB", "--phone-outbox-bytes=4MiB") as relay:
+    async with start_relay(
+        "--max-buffered-bytes=600KiB", "--phone-outbox-bytes=4MiB", PATIENT
+    ) as relay:
         b = await binary(relay, "s1")
         raw1, id1 = await stalled_phone(relay, b, "s1")
         raw2, id2 = await stalled_phone(relay, b, "s1")
