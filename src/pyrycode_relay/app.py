@@ -19,6 +19,7 @@ from pyrycode_relay.endpoints.router import MainRouter, MetricsRouter
 from pyrycode_relay.ops.boot import parse_listen_address
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.metrics import MetricsExporter
+from pyrycode_relay.tlsmode import Listener, TlsFrontEnd, TlsRefusal
 from pyrycode_relay.transport.connection import Connection, ConnSettings, Router
 
 RATE_LIMIT_SWEEP_SECONDS = 300.0  # reference §8.3
@@ -78,10 +79,21 @@ async def serve(config: Config, log: Logger, version: str) -> int:
     relay = Relay(config, log, version)
     settings = conn_settings(config)
     live = LiveConnections()
-    servers: list[asyncio.Server] = []
+    servers: list[Listener] = []
+    tls: TlsFrontEnd | None = None
+    if not config.insecure_listen:
+        tls = TlsFrontEnd(config, log, version)
+        try:
+            tls.prepare()
+        except TlsRefusal as refusal:
+            return refusal.exit_code
     address = config.insecure_listen
     try:
-        servers.append(await _listen(address, MainRouter(relay), settings, live))
+        if tls is None:
+            servers.append(await _listen(address, MainRouter(relay), settings, live))
+        else:
+            for address, open_listener in tls.listeners(relay, settings, live):  # noqa: B007
+                servers.append(await open_listener())  # `address` names a bind failure
         if config.metrics_listen:
             address = config.metrics_listen
             log.info("starting metrics listener", addr=address)
@@ -97,7 +109,18 @@ async def serve(config: Config, log: Logger, version: str) -> int:
         return 1
 
     log.info("push off: PYRYCODE_RELAY_FCM_CREDENTIALS unset")
-    log.info("starting", version=version, mode="insecure", listen=config.insecure_listen)
+    if tls is None:
+        log.info("starting", version=version, mode="insecure", listen=config.insecure_listen)
+    else:
+        log.info(
+            "starting",
+            version=version,
+            mode=tls.mode,
+            listen=config.https_listen,
+            domain=config.domain,
+            https_proxy_protocol=config.https_proxy_protocol,
+        )
+        tls.start()
 
     def sweep() -> None:
         relay.limiter.sweep()
@@ -112,15 +135,15 @@ async def serve(config: Config, log: Logger, version: str) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: None)  # a second signal is ignored
     sweeper.cancel()
+    if tls is not None:
+        tls.close()
 
     log.info("shutdown signal received; draining")
     await drain(relay, servers, live, log)
     return 0
 
 
-async def drain(
-    relay: Relay, servers: list[asyncio.Server], live: LiveConnections, log: Logger
-) -> None:
+async def drain(relay: Relay, servers: list[Listener], live: LiveConnections, log: Logger) -> None:
     """Refuse new connections, close every WebSocket 1001, wait up to --drain-timeout."""
     relay.shutting_down = True
     for server in servers:
