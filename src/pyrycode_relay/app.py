@@ -112,6 +112,7 @@ async def serve(config: Config, log: Logger, version: str) -> int:
     if tls is None:
         log.info("starting", version=version, mode="insecure", listen=config.insecure_listen)
     else:
+        tls.start()  # before `starting`: a SIGHUP sent on seeing that line must be handled
         log.info(
             "starting",
             version=version,
@@ -120,7 +121,6 @@ async def serve(config: Config, log: Logger, version: str) -> int:
             domain=config.domain,
             https_proxy_protocol=config.https_proxy_protocol,
         )
-        tls.start()
 
     def sweep() -> None:
         relay.limiter.sweep()

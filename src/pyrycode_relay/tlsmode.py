@@ -30,7 +30,7 @@ from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.transport.connection import Connection, ConnSettings, Router
 from pyrycode_relay.transport.proxy import parse_allowlist
 from pyrycode_relay.transport.proxyfront import ProxiedConnection, ProxyListener, bind_sockets
-from pyrycode_relay.transport.tls import CertificateError, CertSwitch, load_pair
+from pyrycode_relay.transport.tls import CertificateError, CertSwitch, TlsConnection, load_pair
 
 EXIT_CONFIG = 2
 
@@ -143,7 +143,7 @@ class TlsFrontEnd:
             )
         loop = asyncio.get_running_loop()
         return await loop.create_server(
-            lambda: Connection(router, settings, live),
+            lambda: TlsConnection(router, settings, live),
             host or None,
             port,
             backlog=4096,

@@ -29,11 +29,12 @@ from collections.abc import Callable, Sequence
 
 from pyrycode_relay.transport.connection import Connection, ConnSettings, Router
 from pyrycode_relay.transport.proxy import Network, ProxyError, needed, parse_proxy_v2, peer_allowed
+from pyrycode_relay.transport.tls import TlsConnection
 
 _ACCEPT_ERROR_PAUSE = 0.1  # EMFILE and friends: back off briefly instead of spinning
 
 
-class ProxiedConnection(Connection):
+class ProxiedConnection(TlsConnection):
     """A Connection whose client address is the PROXY header's source, not the socket
     peer (which is the front proxy)."""
 
