@@ -23,7 +23,7 @@ def v4(source: str) -> bytes:
     return build_proxy_v2((source, 40000), ("10.0.0.1", 443))
 
 
-async def proxy_relay(tmp_path: Path, *flags: str) -> tuple[CA, list[str]]:
+def proxy_relay(tmp_path: Path, *flags: str) -> tuple[CA, list[str]]:
     ca = make_ca()
     cert, key, _ = write_leaf(ca, tmp_path, "relay", [DOMAIN])
     return ca, [
@@ -62,7 +62,7 @@ async def unserved(port: int, first: bytes, timeout: float = HANDSHAKE + 2) -> f
 
 
 async def test_v4_and_v6_sources_get_their_own_rate_limit_buckets(tmp_path: Path) -> None:
-    ca, flags = await proxy_relay(tmp_path)
+    ca, flags = proxy_relay(tmp_path)
     ctx = client_context(ca.pem)
     async with start_tls_relay(*flags) as relay:
         a, b = v4("203.0.113.7"), build_proxy_v2(("2001:db8::7", 5), ("2001:db8::1", 443))
@@ -88,14 +88,14 @@ BAD_HEADERS = {
 
 @pytest.mark.parametrize("first", list(BAD_HEADERS.values()), ids=list(BAD_HEADERS))
 async def test_bad_headers_are_closed_with_zero_bytes(tmp_path: Path, first: bytes) -> None:
-    ca, flags = await proxy_relay(tmp_path)
+    _ca, flags = proxy_relay(tmp_path)
     async with start_tls_relay(*flags) as relay:
         assert await unserved(relay.port, first) < HANDSHAKE / 2  # refused at once
         assert "internal error" not in relay.log
 
 
 async def test_a_silent_or_late_peer_is_closed_and_does_not_delay_others(tmp_path: Path) -> None:
-    ca, flags = await proxy_relay(tmp_path)
+    ca, flags = proxy_relay(tmp_path)
     ctx = client_context(ca.pem)
     async with start_tls_relay(*flags) as relay:
         silent = asyncio.create_task(unserved(relay.port, b""))
@@ -110,7 +110,7 @@ async def test_a_silent_or_late_peer_is_closed_and_does_not_delay_others(tmp_pat
 
 
 async def test_header_and_client_hello_in_one_segment_still_handshake(tmp_path: Path) -> None:
-    ca, flags = await proxy_relay(tmp_path)
+    ca, flags = proxy_relay(tmp_path)
     ctx = client_context(ca.pem)
     async with start_tls_relay(*flags) as relay:
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -150,10 +150,10 @@ async def test_header_and_client_hello_in_one_segment_still_handshake(tmp_path: 
 
 
 async def test_allowlist_refuses_other_peers_unserved(tmp_path: Path) -> None:
-    ca, flags = await proxy_relay(tmp_path, "--proxy-protocol-allow=10.0.0.0/8, 192.0.2.0/24")
+    ca, flags = proxy_relay(tmp_path, "--proxy-protocol-allow=10.0.0.0/8, 192.0.2.0/24")
     async with start_tls_relay(*flags) as relay:
         assert await unserved(relay.port, v4("203.0.113.7")) < HANDSHAKE / 2
-    ca, flags = await proxy_relay(tmp_path, "--proxy-protocol-allow=127.0.0.0/8")
+    ca, flags = proxy_relay(tmp_path, "--proxy-protocol-allow=127.0.0.0/8")
     ctx = client_context(ca.pem)
     async with start_tls_relay(*flags) as relay:
         status, _, _ = await tls_request(relay.port, ctx, "/healthz", prefix=v4("203.0.113.7"))
