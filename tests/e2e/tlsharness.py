@@ -118,7 +118,7 @@ async def tls_request(
         await writer.start_tls(ctx, server_hostname=sni)
         sslobj = writer.get_extra_info("ssl_object")
         cert = sslobj.getpeercert()
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         async with asyncio.timeout(5):
             raw = await reader.read()
     finally:
@@ -130,7 +130,7 @@ async def plain_request(port: int, path: str, host: str) -> tuple[int, bytes]:
     """One plain HTTP/1.1 GET (the port-80 listener)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         async with asyncio.timeout(5):
             raw = await reader.read()
     finally:
