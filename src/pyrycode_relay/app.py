@@ -108,6 +108,12 @@ async def serve(config: Config, log: Logger, version: str) -> int:
             server.close()
         return 1
 
+    # Signal handlers go in before `starting` is logged: whoever waits for that line may
+    # signal at once, and before the handler exists SIGTERM would kill the process
+    # (exit -15) instead of draining it.
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     log.info("push off: PYRYCODE_RELAY_FCM_CREDENTIALS unset")
     if tls is None:
         log.info("starting", version=version, mode="insecure", listen=config.insecure_listen)
@@ -128,9 +134,6 @@ async def serve(config: Config, log: Logger, version: str) -> int:
 
     sweeper = loop.call_later(RATE_LIMIT_SWEEP_SECONDS, sweep)
 
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: None)  # a second signal is ignored
