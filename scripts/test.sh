@@ -11,6 +11,10 @@ if [ ! -x .venv/bin/python ]; then
     rm -rf .venv && "$PY" -m venv .venv
   fi
 fi
+# The ACME end-to-end tests run Debian's pebble (a small RFC 8555 test server).
+if ! command -v pebble >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq pebble >/dev/null
+fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test,fast]'
 .venv/bin/ruff check .

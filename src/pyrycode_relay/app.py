@@ -27,6 +27,7 @@ from pyrycode_relay.ops.boot import (
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.metrics import MetricsExporter
 from pyrycode_relay.ops.push import build_sender
+from pyrycode_relay.tlsmode import Listener, TlsFrontEnd, TlsRefusal
 from pyrycode_relay.transport.connection import Connection, ConnSettings, Router
 
 RATE_LIMIT_SWEEP_SECONDS = 300.0  # reference §8.3
@@ -100,10 +101,21 @@ async def serve(
     relay = Relay(config, log, version, push_sender)
     settings = conn_settings(config)
     live = LiveConnections()
-    servers: list[asyncio.Server] = []
+    servers: list[Listener] = []
+    tls: TlsFrontEnd | None = None
+    if not config.insecure_listen:
+        tls = TlsFrontEnd(config, log, version)
+        try:
+            tls.prepare()
+        except TlsRefusal as refusal:
+            return refusal.exit_code
     address = config.insecure_listen
     try:
-        servers.append(await _listen(address, MainRouter(relay), settings, live))
+        if tls is None:
+            servers.append(await _listen(address, MainRouter(relay), settings, live))
+        else:
+            for address, open_listener in tls.listeners(relay, settings, live):  # noqa: B007
+                servers.append(await open_listener())  # `address` names a bind failure
         if config.metrics_listen:
             address = config.metrics_listen
             log.info("starting metrics listener", addr=address)
@@ -122,23 +134,42 @@ async def serve(
         await relay.push.close()
         return 1
 
-    if not relay.push.enabled:
-        log.info("push off: PYRYCODE_RELAY_FCM_CREDENTIALS unset")
-    log.info("starting", version=version, mode="insecure", listen=config.insecure_listen)
-
-    def sweep() -> None:
-        relay.limiter.sweep()
-        loop.call_later(RATE_LIMIT_SWEEP_SECONDS, sweep)
-
-    sweeper = loop.call_later(RATE_LIMIT_SWEEP_SECONDS, sweep)
-
+    # Signal handlers go in before `starting` is logged: whoever waits for that line may
+    # signal at once, and before the handler exists SIGTERM would kill the process
+    # (exit -15) instead of draining it.
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if not relay.push.enabled:
+        log.info("push off: PYRYCODE_RELAY_FCM_CREDENTIALS unset")
+    if tls is None:
+        log.info("starting", version=version, mode="insecure", listen=config.insecure_listen)
+    else:
+        tls.start()  # before `starting`: a SIGHUP sent on seeing that line must be handled
+        log.info(
+            "starting",
+            version=version,
+            mode=tls.mode,
+            listen=config.https_listen,
+            domain=config.domain,
+            https_proxy_protocol=config.https_proxy_protocol,
+        )
+
+    sweeper: asyncio.TimerHandle
+
+    def sweep() -> None:
+        nonlocal sweeper
+        relay.limiter.sweep()
+        sweeper = loop.call_later(RATE_LIMIT_SWEEP_SECONDS, sweep)
+
+    sweeper = loop.call_later(RATE_LIMIT_SWEEP_SECONDS, sweep)
+
     await stop.wait()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: None)  # a second signal is ignored
     sweeper.cancel()
+    if tls is not None:
+        tls.close()
 
     log.info("shutdown signal received; draining")
     await drain(relay, servers, live, log)
@@ -146,9 +177,7 @@ async def serve(
     return 0
 
 
-async def drain(
-    relay: Relay, servers: list[asyncio.Server], live: LiveConnections, log: Logger
-) -> None:
+async def drain(relay: Relay, servers: list[Listener], live: LiveConnections, log: Logger) -> None:
     """Refuse new connections, close every WebSocket 1001, wait up to --drain-timeout."""
     relay.shutting_down = True
     for server in servers:

@@ -32,14 +32,6 @@ def _proc_status() -> str | None:
 def _run(config: Config, log: Logger, fcm_credentials: str | None) -> int:
     from pyrycode_relay.app import serve
 
-    if not config.insecure_listen:
-        # TLS (ACME or static certificates) arrives with its own issue; until then a
-        # domain-only configuration is refused rather than silently served in plain text.
-        log.error(
-            "refusing to start: TLS mode is not available in this build",
-            fix="run behind a TLS-terminating proxy with --insecure-listen",
-        )
-        return EXIT_CONFIG
     try:
         import uvloop
     except ImportError:

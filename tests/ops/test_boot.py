@@ -450,3 +450,41 @@ def test_refusal_rejects_unlisted_log_keys() -> None:
         BootRefusal("refusing to start: x", {"token": "nope"})
     r = BootRefusal("refusing to start: x", {"reason": "r"})
     assert (r.msg, r.fields, r.exit_code) == ("refusing to start: x", {"reason": "r"}, 2)
+
+
+# -- TLS modes (static certificates, PROXY allowlist) ----------------------------------
+
+STATIC = ["--tls-cert", "/c.pem", "--tls-key", "/k.pem"]
+
+
+def test_static_certificates_boot_without_domain() -> None:
+    boot(cfg(*STATIC, "--https-listen=:8443"))
+    boot(cfg(*STATIC, *DOMAIN))
+
+
+@pytest.mark.parametrize("half", [["--tls-cert", "/c.pem"], ["--tls-key", "/k.pem"]])
+def test_static_needs_both_files(half: list[str]) -> None:
+    r = refusal(cfg(*half))
+    assert r.msg == "refusing to start: --tls-cert and --tls-key must be given together"
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["--http-listen=:80", "--cert-cache=/x", "--acme-directory=https://a/", "--acme-email=a@b"],
+)
+def test_static_refuses_acme_only_flags(flag: str) -> None:
+    r = refusal(cfg(*STATIC, flag))
+    assert r.msg.startswith("refusing to start: --tls-cert/--tls-key are mutually exclusive")
+    assert r.fields["value"] == flag.split("=", 1)[0]
+
+
+def test_proxy_allow_needs_proxy_protocol_and_valid_cidrs() -> None:
+    r = refusal(cfg(*DOMAIN, "--proxy-protocol-allow=10.0.0.0/8"))
+    assert r.msg == "refusing to start: invalid --proxy-protocol-allow"
+    r = refusal(cfg(*DOMAIN, "--https-proxy-protocol", "--proxy-protocol-allow=10.0.0.0/8,nope"))
+    assert "'nope'" in r.fields["reason"]
+    boot(cfg(*DOMAIN, "--https-proxy-protocol", "--proxy-protocol-allow=10.0.0.0/8, ::1/128"))
+
+
+def test_insecure_refuses_proxy_allow() -> None:
+    assert refusal(cfg(*INSECURE, "--proxy-protocol-allow=10.0.0.0/8")).exit_code == 2

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Final
 
 from pyrycode_relay.core.config import Config
+from pyrycode_relay.transport.proxy import parse_allowlist
 
 EXIT_CONFIG_REFUSED: Final = 2
 
@@ -49,6 +50,11 @@ MSG_PRODUCTION: Final = "refusing to start: production-mode misconfiguration"
 MSG_CAPS: Final = "refusing to start: unexpected Linux capabilities"
 MSG_METRICS_LISTEN: Final = "refusing to start: invalid --metrics-listen address"
 MSG_LISTENER: Final = "refusing to start: invalid listener address"
+MSG_TLS_PAIR: Final = "refusing to start: --tls-cert and --tls-key must be given together"
+MSG_STATIC_EXCLUSIVE: Final = (
+    "refusing to start: --tls-cert/--tls-key are mutually exclusive with the ACME flags"
+)
+MSG_PROXY_ALLOW: Final = "refusing to start: invalid --proxy-protocol-allow"
 
 REASON_CONN_CAP: Final = "relay: connection cap must be positive"
 REASON_MULTI_INSTANCE: Final = (
@@ -74,6 +80,15 @@ _TLS_ONLY_FLAGS: Final = (
     *_REFERENCE_TLS_ONLY_FLAGS,
     "tls-cert",
     "tls-key",
+    "acme-directory",
+    "acme-email",
+    "acme-ca-bundle",
+    "proxy-protocol-allow",
+)
+# Flags that only configure ACME and therefore do nothing with static certificates.
+_ACME_ONLY_FLAGS: Final = (
+    "http-listen",
+    "cert-cache",
     "acme-directory",
     "acme-email",
     "acme-ca-bundle",
@@ -131,6 +146,11 @@ _FIX_INSECURE_EXCLUSIVE: Final = (
     "use --insecure-listen alone (proxy-fronted plaintext mode), OR use --domain with optional "
     "--http-listen / --https-listen (autocert mode); the TLS listener flags have no effect in "
     "insecure mode"
+)
+_FIX_TLS_PAIR: Final = "pass both PEM files (certificate chain and private key), or neither"
+_FIX_STATIC_EXCLUSIVE: Final = (
+    "static certificates need no ACME listener or cache; drop the flag, or drop --tls-cert/"
+    "--tls-key to use ACME"
 )
 _FIX_MAX_CONNECTIONS: Final = "pass a positive connection count, or omit the flag for the default"
 _FIX_ENV: Final = 'set the variable to exactly "1" or unset it'
@@ -196,8 +216,9 @@ def check_boot(
     `sys.platform`.
     """
     insecure = config.insecure_listen != ""
+    static = config.tls_cert != "" or config.tls_key != ""
 
-    if not insecure and config.domain == "":
+    if not insecure and config.domain == "" and not static:
         raise BootRefusal(MSG_NO_MODE)
 
     if insecure:
@@ -209,6 +230,8 @@ def check_boot(
                     else f"refusing to start: --insecure-listen is mutually exclusive with --{flag}"
                 )
                 raise BootRefusal(msg, {"value": f"--{flag}", "fix": _FIX_INSECURE_EXCLUSIVE})
+    else:
+        _check_tls_flags(config, static)
 
     if config.max_connections <= 0:
         raise BootRefusal(
@@ -281,7 +304,12 @@ def check_boot(
             {"reason": REASON_METRICS, "addr": config.metrics_listen, "fix": _FIX_METRICS},
         )
 
-    listeners = [config.insecure_listen] if insecure else [config.https_listen, config.http_listen]
+    if insecure:
+        listeners = [config.insecure_listen]
+    elif static:
+        listeners = [config.https_listen]  # no ACME, so no port-80 listener
+    else:
+        listeners = [config.https_listen, config.http_listen]
     for addr in listeners:
         try:
             parse_listen_address(addr)
@@ -307,6 +335,27 @@ def _check_fcm_credentials(value: str) -> None:
                 "fix": _FIX_FCM_CREDENTIALS,
             },
         ) from None
+
+
+def _check_tls_flags(config: Config, static: bool) -> None:
+    """Flag rules of the TLS modes (ours; the reference has only autocert)."""
+    if static:
+        if config.tls_cert == "" or config.tls_key == "":
+            raise BootRefusal(MSG_TLS_PAIR, {"fix": _FIX_TLS_PAIR})
+        for flag in _ACME_ONLY_FLAGS:
+            if flag in config.explicit:
+                raise BootRefusal(
+                    MSG_STATIC_EXCLUSIVE, {"value": f"--{flag}", "fix": _FIX_STATIC_EXCLUSIVE}
+                )
+    if "proxy-protocol-allow" in config.explicit and not config.https_proxy_protocol:
+        raise BootRefusal(
+            MSG_PROXY_ALLOW,
+            {"reason": "relay: --proxy-protocol-allow needs --https-proxy-protocol"},
+        )
+    try:
+        parse_allowlist(config.proxy_protocol_allow)
+    except ValueError as exc:
+        raise BootRefusal(MSG_PROXY_ALLOW, {"reason": f"relay: {exc}"}) from None
 
 
 def _check_capabilities(proc_status: str | None) -> None:

@@ -16,7 +16,8 @@ from decimal import Decimal
 from typing import TextIO
 
 # Reference §13 keys, the keys only its main.go uses, and the ones our additions need
-# (`scope` for per-IP caps, `signal` for shutdown lines).
+# (`scope` for per-IP caps, `signal` for shutdown lines, `serial`/`not_after` for the
+# certificate being served).
 ALLOWED_KEYS: frozenset[str] = frozenset(
     {
         "server_id",
@@ -50,6 +51,8 @@ ALLOWED_KEYS: frozenset[str] = frozenset(
         "bypass_env_var",
         "scope",
         "signal",
+        "serial",
+        "not_after",
     }
 )
 

@@ -1,0 +1,191 @@
+"""The TLS modes' part of the lifecycle: certificate source, listeners, reload, renewal.
+
+Owns: choosing the certificate source (static PEM files from --tls-cert/--tls-key, or
+ACME autocert for --domain), the start-up checks that belong to it (a bad static pair →
+exit 2; the cert cache directory policy → exit 1), the listeners a TLS mode opens
+(HTTPS on --https-listen, directly or behind the PROXY v2 front; in ACME mode also the
+port-80 challenge listener on --http-listen), SIGHUP reloads of static files, and the
+ACME background task.
+Must never: validate flags (ops.boot did), drain connections (app.drain does), or log a
+key, a header value or an ACME key authorization.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from pyrycode_relay.core.config import Config
+from pyrycode_relay.endpoints.relay import Relay
+from pyrycode_relay.endpoints.router import MainRouter
+from pyrycode_relay.endpoints.tlsroutes import AcmeHttpRouter, HostGate
+from pyrycode_relay.ops.acme import AcmeSettings, AutoCert
+from pyrycode_relay.ops.boot import parse_listen_address
+from pyrycode_relay.ops.certcache import EXIT_RUNTIME, CertCacheRefusal, prepare_cert_cache
+from pyrycode_relay.ops.log import Logger
+from pyrycode_relay.transport.connection import Connection, ConnSettings, Router
+from pyrycode_relay.transport.proxy import parse_allowlist
+from pyrycode_relay.transport.proxyfront import ProxiedConnection, ProxyListener, bind_sockets
+from pyrycode_relay.transport.tls import CertificateError, CertSwitch, TlsConnection, load_pair
+
+EXIT_CONFIG = 2
+
+
+class Listener(Protocol):
+    """What the drain needs from a listener (asyncio.Server, ProxyListener)."""
+
+    def close(self) -> None: ...
+
+
+class TlsRefusal(Exception):
+    """Start-up refused after logging why; exit with `exit_code`."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+
+
+class TlsFrontEnd:
+    """One TLS mode's certificate source and listeners."""
+
+    def __init__(self, config: Config, log: Logger, version: str) -> None:
+        self.config = config
+        self.log = log
+        self.static = bool(config.tls_cert)
+        self.switch = CertSwitch(config.domain)
+        self.autocert: AutoCert | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Task[None]] = set()
+        if not self.static:
+            self.autocert = AutoCert(
+                AcmeSettings(
+                    domain=config.domain,
+                    directory=config.acme_directory,
+                    email=config.acme_email,
+                    ca_bundle=config.acme_ca_bundle,
+                    cache_dir=config.cert_cache,
+                    user_agent=f"pyrycode-relay/{version}",
+                ),
+                self.switch,
+                log,
+            )
+
+    @property
+    def mode(self) -> str:
+        return "static-tls" if self.static else "autocert"
+
+    def prepare(self) -> None:
+        """Start-up checks (blocking file access is fine before serving). Raises
+        TlsRefusal after logging the reason."""
+        config = self.config
+        if self.static:
+            try:
+                cert = load_pair(config.tls_cert, config.tls_key)
+            except CertificateError as exc:
+                self.log.error("refusing to start: invalid TLS certificate", reason=str(exc))
+                raise TlsRefusal(EXIT_CONFIG) from None
+            self.switch.install(cert)
+            self.log.info("tls certificate loaded", serial=cert.serial_hex)
+            return
+        try:
+            tightened = prepare_cert_cache(
+                config.cert_cache, euid=os.geteuid(), platform=sys.platform
+            )
+        except CertCacheRefusal as exc:
+            self.log.error("refusing to start: cert cache", path=config.cert_cache, reason=str(exc))
+            raise TlsRefusal(EXIT_RUNTIME) from None
+        if tightened is not None:
+            self.log.info(
+                "tightened cert cache dir perms",
+                path=tightened.path,
+                from_=tightened.from_mode,
+                to=tightened.to_mode,
+            )
+
+    def listeners(
+        self, relay: Relay, settings: ConnSettings, live: set[Connection]
+    ) -> list[tuple[str, Callable[[], Awaitable[Listener]]]]:
+        """(address, opener) for each listener, in bind order: the challenge listener
+        first, so ACME can validate as soon as the HTTPS side exists."""
+        config = self.config
+        main: Router = MainRouter(relay)
+        if config.domain:
+            main = HostGate(main, config.domain)
+        out: list[tuple[str, Callable[[], Awaitable[Listener]]]] = []
+        if self.autocert is not None:
+            acme_router = AcmeHttpRouter(config.domain, self.autocert.challenges)
+            http = config.http_listen
+            out.append((http, lambda: _plain(http, acme_router, settings, live)))
+        out.append((config.https_listen, lambda: self._https(main, settings, live)))
+        return out
+
+    async def _https(
+        self, router: Router, settings: ConnSettings, live: set[Connection]
+    ) -> Listener:
+        config = self.config
+        host, port = parse_listen_address(config.https_listen)
+        if config.https_proxy_protocol:
+            sockets = bind_sockets(host, port)
+
+            def make(client_host: str) -> Connection:
+                return ProxiedConnection(router, settings, live, client_host)
+
+            return ProxyListener(
+                sockets,
+                self.switch.front,
+                make,
+                parse_allowlist(config.proxy_protocol_allow),
+                config.handshake_timeout,
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(
+            lambda: TlsConnection(router, settings, live),
+            host or None,
+            port,
+            backlog=4096,
+            ssl=self.switch.front,
+            ssl_handshake_timeout=config.handshake_timeout,
+        )
+
+    def start(self) -> None:
+        """After the listeners are up: ACME issuance/renewal, or SIGHUP reloads."""
+        loop = asyncio.get_running_loop()
+        if self.autocert is not None:
+            self._task = loop.create_task(self.autocert.run())
+        else:
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self) -> None:
+        config = self.config
+        try:
+            cert = await asyncio.to_thread(load_pair, config.tls_cert, config.tls_key)
+        except CertificateError as exc:
+            self.log.error("tls certificate reload failed; keeping the old one", err=str(exc))
+            return
+        self.switch.install(cert)
+        self.log.info("tls certificate reloaded", serial=cert.serial_hex)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self.static:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+
+async def _plain(
+    address: str, router: Router, settings: ConnSettings, live: set[Connection]
+) -> Listener:
+    host, port = parse_listen_address(address)
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: Connection(router, settings, live), host or None, port, backlog=4096
+    )
