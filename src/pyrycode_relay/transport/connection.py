@@ -231,9 +231,7 @@ class Connection(asyncio.Protocol):
         self._deadline = self._close_timer = self._hb_timer = self._hb_deadline = None
         self._pings = None
         self.closing = True
-        handler, self.handler = self.handler, None
-        if handler is not None:
-            handler.on_closed()
+        self._finish()
         release, self.on_release = self.on_release, None
         if release is not None:
             release()
@@ -369,6 +367,17 @@ class Connection(asyncio.Protocol):
             self._close_timer = self._loop.call_later(
                 self._settings.close_timeout, self.transport.abort
             )
+        self._finish()
+
+    def _finish(self) -> None:
+        """The WebSocket is over for the endpoint: its "read loop" ends now, as the
+        reference's does when the relay closes a connection, even though the close
+        handshake (and the admission slot) may last up to the close timeout longer.
+        Without this, a peer that never answers a close would delay its close notice
+        and unregistration by the whole timeout. Runs the handler's teardown once."""
+        handler, self.handler = self.handler, None
+        if handler is not None:
+            handler.on_closed()
 
     def abort(self) -> None:
         self.closing = True
@@ -390,6 +399,7 @@ class Connection(asyncio.Protocol):
                     self._close_timer = self._loop.call_later(
                         self._settings.close_timeout, transport.abort
                     )
+                self._finish()
 
     def _stop_timers(self) -> None:
         for timer in (self._deadline, self._hb_timer, self._hb_deadline):
