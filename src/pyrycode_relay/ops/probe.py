@@ -254,6 +254,7 @@ class Probe:
                 websockets.connect(
                     self.target.ws("client"),
                     additional_headers=headers,
+                    user_agent_header=f"pyrycode-relay-probe/{__version__}",
                     compression=None,
                     ssl=self.target.ssl_context,
                     open_timeout=None,
