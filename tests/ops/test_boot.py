@@ -208,8 +208,13 @@ def test_fly_empty_is_not_fly() -> None:
     boot(cfg(*DOMAIN), {"FLY_APP_NAME": ""})
 
 
-def test_fly_in_cluster_mode() -> None:
-    boot(cfg(*DOMAIN, "--cluster-redis=redis://r:6379"), {"FLY_APP_NAME": "x"})
+@pytest.mark.parametrize("flag", ["--cluster-redis=redis://127.0.0.1:6379", "--instance-id=a"])
+def test_cluster_flags_refused_until_cluster_mode_exists(flag: str) -> None:
+    with pytest.raises(BootRefusal) as info:
+        boot(cfg(*DOMAIN, flag), {})
+    assert info.value.msg == "refusing to start: --cluster-redis is not supported yet"
+    assert info.value.exit_code == 2
+    assert "redis://" not in str(info.value.fields)
 
 
 # --- 6./7. production -------------------------------------------------------------------------

@@ -39,6 +39,7 @@ ALLOWED_FIELD_KEYS: Final = frozenset(
 MSG_NO_MODE: Final = (
     "either --domain (for autocert) or --insecure-listen (for behind-proxy mode) must be set"
 )
+MSG_CLUSTER_UNAVAILABLE: Final = "refusing to start: --cluster-redis is not supported yet"
 MSG_INSECURE_EXCLUSIVE: Final = (
     "refusing to start: --insecure-listen is mutually exclusive with "
     "--http-listen / --https-listen / --https-proxy-protocol"
@@ -152,6 +153,7 @@ _FIX_STATIC_EXCLUSIVE: Final = (
     "static certificates need no ACME listener or cache; drop the flag, or drop --tls-cert/"
     "--tls-key to use ACME"
 )
+_FIX_CLUSTER: Final = "run one instance per relay hostname and drop --cluster-redis/--instance-id"
 _FIX_MAX_CONNECTIONS: Final = "pass a positive connection count, or omit the flag for the default"
 _FIX_ENV: Final = 'set the variable to exactly "1" or unset it'
 _FIX_FCM_CREDENTIALS: Final = (
@@ -160,7 +162,7 @@ _FIX_FCM_CREDENTIALS: Final = (
 )
 _FIX_MULTI_INSTANCE: Final = (
     "set PYRYCODE_RELAY_SINGLE_INSTANCE=1 in the deploy manifest (e.g. fly.toml [env]) to assert "
-    "single-instance intent, or use --cluster-redis"
+    "single-instance intent"
 )
 _FIX_INSECURE_PROD: Final = (
     "remove --insecure-listen and set --domain, or unset PYRYCODE_RELAY_PRODUCTION"
@@ -221,6 +223,14 @@ def check_boot(
     if not insecure and config.domain == "" and not static:
         raise BootRefusal(MSG_NO_MODE)
 
+    # Cluster mode (issue 6) is not built yet. Accepting the flag and running a lone
+    # in-memory instance would let an operator believe instances share state; refuse.
+    if config.cluster_redis != "" or "instance-id" in config.explicit:
+        raise BootRefusal(
+            MSG_CLUSTER_UNAVAILABLE,
+            {"reason": "relay: cluster mode is not available in this build", "fix": _FIX_CLUSTER},
+        )
+
     if insecure:
         for flag in _TLS_ONLY_FLAGS:
             if flag in config.explicit:
@@ -262,12 +272,7 @@ def check_boot(
         _check_fcm_credentials(environ[ENV_FCM_CREDENTIALS])
     production = environ.get(ENV_PRODUCTION) == "1"
 
-    # Cluster mode is exactly the multi-instance deploy this guard exists to stop otherwise.
-    if (
-        environ.get(ENV_FLY_APP_NAME, "") != ""
-        and environ.get(ENV_SINGLE_INSTANCE) != "1"
-        and config.cluster_redis == ""
-    ):
+    if environ.get(ENV_FLY_APP_NAME, "") != "" and environ.get(ENV_SINGLE_INSTANCE) != "1":
         raise BootRefusal(
             MSG_MULTI_INSTANCE,
             {
