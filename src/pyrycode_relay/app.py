@@ -86,7 +86,10 @@ async def serve(config: Config, log: Logger, version: str) -> int:
             address = config.metrics_listen
             log.info("starting metrics listener", addr=address)
             exporter = MetricsExporter(
-                relay.stats, relay.registry.counts, lambda: relay.budget.used
+                relay.stats,
+                relay.registry.counts,
+                lambda: relay.budget.used,
+                tasks=lambda: len(asyncio.all_tasks(loop)),
             )
             servers.append(await _listen(address, MetricsRouter(exporter), settings, live))
     except OSError as exc:

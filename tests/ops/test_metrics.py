@@ -157,3 +157,12 @@ def test_default_registry_untouched() -> None:
     setup()[2].render()
     assert b"pyrycode_relay" not in before
     assert b"pyrycode_relay" not in prometheus_client.generate_latest(prometheus_client.REGISTRY)
+
+
+def test_asyncio_tasks_gauge_only_with_a_source() -> None:
+    stats = RelayStats()
+    without = samples(MetricsExporter(stats, lambda: (0, 0), lambda: 0).render()[0])
+    assert "pyrycode_relay_asyncio_tasks" not in without
+    text = MetricsExporter(stats, lambda: (0, 0), lambda: 0, tasks=lambda: 7).render()[0]
+    assert samples(text)["pyrycode_relay_asyncio_tasks"] == 7
+    assert b"# TYPE pyrycode_relay_asyncio_tasks gauge" in text

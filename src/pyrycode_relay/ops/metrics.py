@@ -119,23 +119,33 @@ class _RelayCollector:
             "Bytes queued in all phone outboxes together.",
             x.outbox_bytes(),
         )
+        if x.tasks is not None:
+            gauge(
+                "pyrycode_relay_asyncio_tasks",
+                "asyncio tasks alive in the relay's event loop (none per connection: a leak "
+                "detector for soak tests).",
+                x.tasks(),
+            )
         # client_golang sorts families by name; keep scrapes byte-comparable with the reference.
         families.sort(key=lambda m: m.name + ("_total" if m.type == "counter" else ""))
         yield from families
 
 
 class MetricsExporter:
-    """Renders `/metrics` from a `RelayStats`, a live-count source and an outbox-size source."""
+    """Renders `/metrics` from a `RelayStats`, a live-count source, an outbox-size source and
+    (optionally) a task-count source."""
 
     def __init__(
         self,
         stats: RelayStats,
         counts: Callable[[], tuple[int, int]],
         outbox_bytes: Callable[[], int],
+        tasks: Callable[[], int] | None = None,
     ) -> None:
         self.stats = stats
         self.counts = counts
         self.outbox_bytes = outbox_bytes
+        self.tasks = tasks
         self.in_flight = 0
         self.handler_requests: dict[str, int] = dict.fromkeys(_HANDLER_CODES, 0)
         # A private registry: the global one would add process_/python_/gc series.

@@ -62,6 +62,15 @@ class ConnSettings:
         # waits about 5 s, a short --write-timeout (tests) shortens it too.
         return min(5.0, self.write_timeout)
 
+    @property
+    def backlog_limit(self) -> int:
+        # Unsent bytes to one peer above which we stop reading from it (ADR 0006). A
+        # peer that sends pings but never reads would otherwise grow our send buffer with
+        # pongs for the whole --write-timeout. Twice the message cap (at least 1 MiB)
+        # leaves room for one whole outbound message plus control frames, so honest
+        # traffic stays below it.
+        return max(1 << 20, 2 * self.max_message_bytes)
+
 
 class WsHandler(TypingProtocol):
     """What an endpoint session implements to receive WebSocket events."""
@@ -120,6 +129,7 @@ def _wire_size(payload_length: int) -> int:
 
 class Connection(asyncio.Protocol):
     __slots__ = (
+        "_backlog_paused",
         "_close_timer",
         "_deadline",
         "_fragments",
@@ -163,7 +173,8 @@ class Connection(asyncio.Protocol):
         self._ping_seq = 0
         self._fragments: list[bytes] | None = None
         self._fragments_text = False
-        self._reading_paused = False
+        self._reading_paused = False  # by an endpoint (back-pressure toward a binary)
+        self._backlog_paused = False  # by us: too many unsent bytes to this peer
         self._rx_partial = 0  # bytes received that no complete frame has accounted for
         self.transport: asyncio.Transport | None = None
         self.ws: WsProtocol | None = None
@@ -218,6 +229,11 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self._cancel_timer()
+        if self._backlog_paused:
+            self._backlog_paused = False
+            transport = self.transport
+            if not self._reading_paused and transport is not None and not transport.is_closing():
+                transport.resume_reading()
         handler = self.handler
         if handler is not None and not self.closing:
             handler.on_writable()
@@ -317,6 +333,24 @@ class Connection(asyncio.Protocol):
         self._flush()
         if not self.closing:
             self._track_message_deadline()
+        self._bound_backlog()
+
+    def _bound_backlog(self) -> None:
+        # What we read can make us write (websockets answers every ping, also while
+        # closing). Stop reading while this peer's unsent bytes exceed the limit; its
+        # drain (resume_writing) resumes reading, the write timeout ends a peer that
+        # never drains. So a never-reading ping flooder costs at most the limit plus one
+        # socket read of pongs.
+        transport = self.transport
+        if (
+            not self._backlog_paused
+            and transport is not None
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() > self._settings.backlog_limit
+        ):
+            self._backlog_paused = True
+            if not self._reading_paused:
+                transport.pause_reading()
 
     def _track_message_deadline(self) -> None:
         # A message is in progress while a frame is half-read (bytes arrived that no
@@ -417,12 +451,13 @@ class Connection(asyncio.Protocol):
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self.closing:
             self._reading_paused = True
-            self.transport.pause_reading()
+            if not self._backlog_paused:
+                self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
-            if not self.transport.is_closing():
+            if not self._backlog_paused and not self.transport.is_closing():
                 self.transport.resume_reading()
 
     # -- pings: heartbeat and conflict probe ----------------------------------------
