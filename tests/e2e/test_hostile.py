@@ -572,3 +572,37 @@ async def test_two_binaries_race_for_one_server_id() -> None:
         assert m[series % "reject_409"] == rounds
         assert m[series % "accept"] == rounds + 1  # and the honest binary
         assert m["pyrycode_relay_takeovers_total"] == 0  # both alive: never a takeover
+
+
+# -- malformed envelopes in binary-opcode frames ---------------------------------------------
+
+
+async def test_binary_opcode_envelopes_with_invalid_utf8_are_dropped() -> None:
+    # Regression (issue 8): invalid UTF-8 inside an envelope's string (a binary-opcode
+    # frame escapes the transport's UTF-8 check) raised UnicodeDecodeError out of the
+    # decoder: the binary was torn down (1006) with an "internal error" log line, instead
+    # of the envelope being dropped and the binary staying up (§7.7).
+    async with attacked(NO_LIMIT, *QUIET_HEARTBEAT) as relay:
+        b = await binary(relay, "evil")
+        p = await phone(relay, "evil")
+        await p.send("{}")
+        cid = (await recv_json(b))["conn_id"]
+        bad = [
+            b'{"conn_id":"\x80' + MARKER + b'","frame":1}',
+            b'{"conn_id":"' + cid.encode() + b'","frame":"' + MARKER + b'\xff"}',
+            b'{"push_wake":{"token":"' + MARKER + b'\xc3"}}',
+            b'{"\xfe' + MARKER + b'":1,"conn_id":"' + cid.encode() + b'","frame":1}',
+        ]
+        for data in bad:
+            await b.send(data)  # bytes: a binary-opcode frame
+        await b.send(f'{{"conn_id":"{cid}","frame":{{"after":"bad"}}}}')
+        assert await recv_json(p) == {"after": "bad"}  # nothing bad came first
+        assert b.close_code is None and p.close_code is None
+        # three malformed; the push-wake request is dropped because push is off (its
+        # token is not decoded until push exists)
+        needle = "msg=binary_forwarder_unmarshal_err server_id=evil"
+        await relay.wait_log("msg=binary_forwarder_push_wake_dropped server_id=evil")
+        async with asyncio.timeout(3):  # stderr is read concurrently: wait for the lines
+            while relay.count_log(needle) < 3:
+                await asyncio.sleep(0.01)
+        assert relay.count_log(needle) == 3
