@@ -606,3 +606,44 @@ async def test_binary_opcode_envelopes_with_invalid_utf8_are_dropped() -> None:
             while relay.count_log(needle) < 3:
                 await asyncio.sleep(0.01)
         assert relay.count_log(needle) == 3
+
+
+# -- many tiny fragments ----------------------------------------------------------------------
+
+
+def tiny_fragments(payload: bytes) -> bytes:
+    """`payload` as a text message of 1-byte fragments (a zero mask keeps it cheap)."""
+    out = [bytes([0x01, 0x81]) + b"\0\0\0\0" + payload[:1]]
+    out += [bytes([0x00, 0x81]) + b"\0\0\0\0" + payload[i : i + 1] for i in range(1, len(payload))]
+    out.append(bytes([0x80, 0x80]) + b"\0\0\0\0")  # an empty final fragment
+    return b"".join(out)
+
+
+async def test_tiny_fragments_cost_their_payload_not_more() -> None:
+    # Regression: fragments were kept as a list of bytes objects, about 60 bytes of relay
+    # memory per 1-byte fragment: a 256 KiB message sent that way cost ~15 MiB until the
+    # read deadline, per connection.
+    async with attacked(NO_LIMIT, *QUIET_HEARTBEAT) as relay:
+        pid = relay.proc.pid
+        b = await binary(relay, "evil")
+        raw = await raw_connect(relay, "client", "evil")
+        # correctness first: a message in 5000 fragments arrives whole and exact
+        payload = b'"' + MARKER * 263 + b'"'
+        raw.writer.write(tiny_fragments(payload))
+        assert (await recv_json(b))["frame"] == payload[1:-1].decode()
+        # then two never-finished messages of 200 000 one-byte fragments each
+        floods = [await raw_connect(relay, "server", f"frag-{i}") for i in range(2)]
+        before = rss_kib(pid)
+        body = tiny_fragments(b"[" + b"1" * 200_000)[:-6]  # without the final fragment
+        for f in floods:
+            f.writer.write(body)
+            await f.writer.drain()
+        await raw.writer.drain()
+        async with asyncio.timeout(5):  # the relay has parsed it all once /healthz answers
+            await relay.healthz()
+        await asyncio.sleep(0.3)  # bounded: let the last reads land
+        grown = rss_kib(pid) - before
+        assert grown < 12 * 1024, f"relay RSS grew {grown // 1024} MiB for 400 KB of payload"
+        for f in floods:
+            f.writer.transport.abort()
+        raw.writer.transport.abort()
