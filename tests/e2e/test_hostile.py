@@ -27,6 +27,10 @@ which has this list as a table with the evidence):
   unmasked frame, continuation without a start, data frame inside a fragmented message,
   close frame with a 1-byte payload or an invalid code: close 1002; a close reason that
   is not UTF-8: 1007 (RFC 6455 §5-7, enforced by websockets);
+- a message in 200 000 one-byte fragments: memory about its payload, and other peers keep
+  their latency (large reads are parsed in 16 KiB slices; ADR 0006);
+- binary-opcode envelopes with invalid UTF-8 inside strings: dropped
+  (`binary_forwarder_unmarshal_err`), the binary stays up (§7.7);
 - churn at the rate limiter's edge: burst + one per interval upgraded, the rest 429;
   another IP is unaffected (§8.3);
 - 16 + 1 phones racing for one server-id: exactly 16 registered, one 4429 (§5.4);
@@ -620,9 +624,10 @@ def tiny_fragments(payload: bytes) -> bytes:
 
 
 async def test_tiny_fragments_cost_their_payload_not_more() -> None:
-    # Regression: fragments were kept as a list of bytes objects, about 60 bytes of relay
-    # memory per 1-byte fragment: a 256 KiB message sent that way cost ~15 MiB until the
-    # read deadline, per connection.
+    # Regression (two defects): fragments were kept as a list of bytes objects, about 60
+    # bytes of relay memory per 1-byte fragment (a 256 KiB message sent that way cost
+    # ~15 MiB until the read deadline, per connection); and a 256 KiB read of tiny frames
+    # was parsed in one go (~90 ms), so the honest pair's p99 reached 1.8 s.
     async with attacked(NO_LIMIT, *QUIET_HEARTBEAT) as relay:
         pid = relay.proc.pid
         b = await binary(relay, "evil")
