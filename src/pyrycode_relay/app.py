@@ -124,6 +124,7 @@ async def serve(
                 relay.registry.counts,
                 lambda: relay.budget.used,
                 relay.push.outcomes if relay.push.enabled else None,
+                tasks=lambda: len(asyncio.all_tasks(loop)),
             )
             servers.append(await _listen(address, MetricsRouter(exporter), settings, live))
     except OSError as exc:

@@ -401,6 +401,7 @@ EXPECTED_SERIES = {
     cap_rejections("global"): "counter",
     cap_rejections("per_ip"): "counter",
 }
+TASKS_SERIES = "pyrycode_relay_asyncio_tasks"  # leak detector for soak tests (ADR 0009)
 PROMHTTP_SERIES = {
     "promhttp_metric_handler_requests_in_flight",
     'promhttp_metric_handler_requests_total{code="200"}',
@@ -424,7 +425,8 @@ async def test_metrics_exposition_from_startup() -> None:  # H70
             elif line and not line.startswith("#"):
                 name, value = line.rsplit(" ", 1)
                 series[name] = float(value)
-        assert set(series) == set(EXPECTED_SERIES) | PROMHTTP_SERIES
+        assert set(series) == set(EXPECTED_SERIES) | PROMHTTP_SERIES | {TASKS_SERIES}
+        assert series[TASKS_SERIES] >= 1  # at least the relay's main task
         for name, kind in EXPECTED_SERIES.items():
             family = name.split("{")[0]
             assert types.get(family.removesuffix("_total")) == kind or types.get(family) == kind

@@ -190,6 +190,7 @@ async def test_overflow_closes_1011_binary_and_others_unaffected() -> None:  # E
         samples: list[float] = []
         for _ in range(100):  # ~4 MiB in kernel buffers + 1 MiB queued ≈ 20 frames
             await b.send(envelope(stalled_id, big))
+            await (await b.ping())  # barrier: the relay has parsed the frame (pong after it)
             samples.append(await outbox_bytes(relay))
             if relay.count_log("msg=binary_forwarder_phone_enqueue_failed"):
                 break

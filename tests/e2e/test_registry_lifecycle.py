@@ -112,6 +112,10 @@ async def test_stalled_phone_does_not_cost_live_incumbent_its_slot() -> None:  #
             # least one more queued behind it in the outbox
             for _ in range(80):
                 await b1.send(big)
+                # barrier: the relay's pong follows every frame B1 sent before the ping
+                # (a scrape on another connection may be answered while B1's data is
+                # still being parsed)
+                await (await b1.ping())
                 if (await relay.metrics())[OUTBOX_BYTES] >= 2 * frame_cost:
                     break
             else:

@@ -177,3 +177,12 @@ def test_push_series_only_when_push_is_on() -> None:
     # push off (the default): the family does not exist at all
     _, _, off = setup()
     assert b"push_wakes" not in off.render()[0]
+
+
+def test_asyncio_tasks_gauge_only_with_a_source() -> None:
+    stats = RelayStats()
+    without = samples(MetricsExporter(stats, lambda: (0, 0), lambda: 0).render()[0])
+    assert "pyrycode_relay_asyncio_tasks" not in without
+    text = MetricsExporter(stats, lambda: (0, 0), lambda: 0, tasks=lambda: 7).render()[0]
+    assert samples(text)["pyrycode_relay_asyncio_tasks"] == 7
+    assert b"# TYPE pyrycode_relay_asyncio_tasks gauge" in text

@@ -95,9 +95,10 @@ def decode_binary_envelope(data: bytes) -> BinaryEnvelope:
     """
     try:
         env = _decode_envelope(data)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        # msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 inside a
-        # string it decodes, e.g. conn_id in a binary-opcode message: still a bad envelope.
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string it decodes
+        # (e.g. conn_id); a binary-opcode frame can carry that (text frames are checked
+        # by the transport), and it must be dropped like any malformed envelope (§7.7).
         raise EnvelopeError(ERR_MALFORMED) from None
     code = env.close_code
     if code is not None and not 0 <= code <= 0xFFFF:

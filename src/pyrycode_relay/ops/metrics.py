@@ -126,14 +126,21 @@ class _RelayCollector:
             "Bytes queued in all phone outboxes together.",
             x.outbox_bytes(),
         )
+        if x.tasks is not None:
+            gauge(
+                "pyrycode_relay_asyncio_tasks",
+                "asyncio tasks alive in the relay's event loop (none per connection: a leak "
+                "detector for soak tests).",
+                x.tasks(),
+            )
         # client_golang sorts families by name; keep scrapes byte-comparable with the reference.
         families.sort(key=lambda m: m.name + ("_total" if m.type == "counter" else ""))
         yield from families
 
 
 class MetricsExporter:
-    """Renders `/metrics` from a `RelayStats`, a live-count source, an outbox-size source and,
-    when push is on, the push waker's outcome counts."""
+    """Renders `/metrics` from a `RelayStats`, a live-count source, an outbox-size source,
+    when push is on the push waker's outcome counts, and optionally a task-count source."""
 
     def __init__(
         self,
@@ -141,11 +148,13 @@ class MetricsExporter:
         counts: Callable[[], tuple[int, int]],
         outbox_bytes: Callable[[], int],
         push_outcomes: dict[str, int] | None = None,
+        tasks: Callable[[], int] | None = None,
     ) -> None:
         self.stats = stats
         self.counts = counts
         self.outbox_bytes = outbox_bytes
         self.push_outcomes = push_outcomes  # None: push is off, the series does not exist
+        self.tasks = tasks
         self.in_flight = 0
         self.handler_requests: dict[str, int] = dict.fromkeys(_HANDLER_CODES, 0)
         # A private registry: the global one would add process_/python_/gc series.

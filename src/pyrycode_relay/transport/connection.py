@@ -38,6 +38,11 @@ from pyrycode_relay.transport.http import response as http_response
 
 _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
 
+# Bytes handed to the frame parser per loop iteration. One socket read (up to 256 KiB)
+# of tiny frames takes the parser ~90 ms; in 16 KiB slices a flooder holds the loop for a
+# few ms at a time and every other peer is served in between (ADR 0009).
+_PARSE_SLICE = 16 * 1024
+
 # websockets logs through the stdlib; the relay's own logger is the only output we allow
 # (allowlisted keys), so its records go nowhere.
 _WS_LOGGER = logging.getLogger("pyrycode_relay.websockets")
@@ -61,6 +66,15 @@ class ConnSettings:
         # How long we wait for the peer's close frame before dropping TCP; coder/websocket
         # waits about 5 s, a short --write-timeout (tests) shortens it too.
         return min(5.0, self.write_timeout)
+
+    @property
+    def backlog_limit(self) -> int:
+        # Unsent bytes to one peer above which we stop reading from it (ADR 0009). A
+        # peer that sends pings but never reads would otherwise grow our send buffer with
+        # pongs for the whole --write-timeout. Twice the message cap (at least 1 MiB)
+        # leaves room for one whole outbound message plus control frames, so honest
+        # traffic stays below it.
+        return max(1 << 20, 2 * self.max_message_bytes)
 
 
 class WsHandler(TypingProtocol):
@@ -120,6 +134,7 @@ def _wire_size(payload_length: int) -> int:
 
 class Connection(asyncio.Protocol):
     __slots__ = (
+        "_backlog_paused",
         "_close_timer",
         "_deadline",
         "_fragments",
@@ -137,6 +152,8 @@ class Connection(asyncio.Protocol):
         "_rx_partial",
         "_settings",
         "_timer",
+        "_transport_paused",
+        "_unparsed",
         "closing",
         "handler",
         "on_release",
@@ -161,9 +178,15 @@ class Connection(asyncio.Protocol):
         self._hb_deadline: asyncio.TimerHandle | None = None  # an unanswered heartbeat ping
         self._pings: dict[bytes, Callable[[], None]] | None = None
         self._ping_seq = 0
-        self._fragments: list[bytes] | None = None
+        # One buffer per fragmented message: its memory is the payload itself, however
+        # many (even empty) fragments it came in (a list of bytes cost ~60x for 1-byte
+        # fragments).
+        self._fragments: bytearray | None = None
         self._fragments_text = False
-        self._reading_paused = False
+        self._reading_paused = False  # by an endpoint (back-pressure toward a binary)
+        self._backlog_paused = False  # by us: too many unsent bytes to this peer
+        self._unparsed: bytes | None = None  # the rest of a large read, parsed in slices
+        self._transport_paused = False  # what we last told the transport
         self._rx_partial = 0  # bytes received that no complete frame has accounted for
         self.transport: asyncio.Transport | None = None
         self.ws: WsProtocol | None = None
@@ -218,6 +241,9 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self._cancel_timer()
+        if self._backlog_paused:
+            self._backlog_paused = False
+            self._apply_reading()
         handler = self.handler
         if handler is not None and not self.closing:
             handler.on_writable()
@@ -277,6 +303,29 @@ class Connection(asyncio.Protocol):
     # -- WebSocket phase: inbound -------------------------------------------------
 
     def _ws_data(self, data: bytes) -> None:
+        if self._unparsed is not None:  # (reading is paused meanwhile; defensive)
+            self._unparsed += data
+            return
+        if len(data) > _PARSE_SLICE:
+            self._unparsed = data[_PARSE_SLICE:]
+            data = data[:_PARSE_SLICE]
+            self._apply_reading()
+            self._loop.call_soon(self._parse_more)
+        self._parse(data)
+
+    def _parse_more(self) -> None:
+        rest, self._unparsed = self._unparsed, None
+        if rest is None or self.handler is None:
+            return  # the connection was lost meanwhile
+        if len(rest) > _PARSE_SLICE:
+            self._unparsed = rest[_PARSE_SLICE:]
+            rest = rest[:_PARSE_SLICE]
+            self._loop.call_soon(self._parse_more)
+        else:
+            self._apply_reading()
+        self._parse(rest)
+
+    def _parse(self, data: bytes) -> None:
         ws = self.ws
         assert ws is not None
         ws.receive_data(data)
@@ -297,12 +346,12 @@ class Connection(asyncio.Protocol):
                 text = opcode is _TEXT
             else:
                 if self._fragments is None:
-                    self._fragments = []
+                    self._fragments = bytearray()
                     self._fragments_text = opcode is _TEXT
-                self._fragments.append(bytes(frame.data))
+                self._fragments += frame.data
                 if not frame.fin:
                     continue
-                message = b"".join(self._fragments)
+                message = bytes(self._fragments)
                 text = self._fragments_text
                 self._fragments = None
             if text and not is_utf8(message):
@@ -315,6 +364,23 @@ class Connection(asyncio.Protocol):
         self._flush()
         if not self.closing:
             self._track_message_deadline()
+        self._bound_backlog()
+
+    def _bound_backlog(self) -> None:
+        # What we read can make us write (websockets answers every ping, also while
+        # closing). Stop reading while this peer's unsent bytes exceed the limit; its
+        # drain (resume_writing) resumes reading, the write timeout ends a peer that
+        # never drains. So a never-reading ping flooder costs at most the limit plus one
+        # socket read of pongs.
+        transport = self.transport
+        if (
+            not self._backlog_paused
+            and transport is not None
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() > self._settings.backlog_limit
+        ):
+            self._backlog_paused = True
+            self._apply_reading()
 
     def _track_message_deadline(self) -> None:
         # A message is in progress while a frame is half-read (bytes arrived that no
@@ -427,13 +493,26 @@ class Connection(asyncio.Protocol):
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self.closing:
             self._reading_paused = True
-            self.transport.pause_reading()
+            self._apply_reading()
 
     def resume_reading(self) -> None:
-        if self._reading_paused and self.transport is not None:
+        if self._reading_paused:
             self._reading_paused = False
-            if not self.transport.is_closing():
-                self.transport.resume_reading()
+            self._apply_reading()
+
+    def _apply_reading(self) -> None:
+        # The socket is read only while no reason to pause holds: an endpoint's
+        # back-pressure, our unsent backlog to this peer, or a read still being parsed.
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        paused = self._reading_paused or self._backlog_paused or self._unparsed is not None
+        if paused and not self._transport_paused:
+            self._transport_paused = True
+            transport.pause_reading()
+        elif not paused and self._transport_paused:
+            self._transport_paused = False
+            transport.resume_reading()
 
     # -- pings: heartbeat and conflict probe ----------------------------------------
 

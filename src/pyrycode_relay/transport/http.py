@@ -45,15 +45,17 @@ class RequestHead:
 class HeadReader:
     """Feeds bytes to h11 until one request head is complete."""
 
-    __slots__ = ("_h11",)
+    __slots__ = ("_fed", "_h11")
 
     def __init__(self) -> None:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self._fed = 0
 
     def feed(self, data: bytes) -> RequestHead | None:
         """Returns the head once complete, None while more bytes are needed."""
         conn = self._h11
         conn.receive_data(data)
+        self._fed += len(data)
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
@@ -62,6 +64,10 @@ class HeadReader:
             return None
         if not isinstance(event, h11.Request):
             raise HttpError(400)
+        # h11 applies its limit only to an incomplete head; one that completes within a
+        # single large read would pass it, so the complete head is measured too.
+        if self._fed - len(conn.trailing_data[0]) > MAX_HEAD_BYTES:
+            raise HttpError(431)
         target = event.target.decode("latin-1")
         path = target.split("?", 1)[0]
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
