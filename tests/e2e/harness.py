@@ -55,6 +55,10 @@ class Relay:
         self.lines: list[str] = []
         self._new_line = asyncio.Event()
         self._reader = asyncio.create_task(self._read_stderr())
+        # Every client a test opened through the harness, closed when the relay stops, so
+        # no socket outlives its test (an unclosed one is a ResourceWarning, i.e. an error).
+        self.clients: list[ClientConnection] = []
+        self.raw_clients: list[asyncio.StreamWriter] = []
 
     async def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -163,6 +167,10 @@ async def start_relay(
             await proc.wait()
         with contextlib.suppress(Exception):
             await relay._reader
+        for client in relay.clients:
+            client.transport.abort()
+        for writer in relay.raw_clients:
+            writer.transport.abort()
         assert TOKEN not in relay.log, "a device token reached the logs"
 
 
@@ -193,7 +201,7 @@ async def binary(
     relay: Relay, server_id: str, *, version: str = "0.11.0", **kwargs: Any
 ) -> ClientConnection:
     """A fake pyry binary on /v1/server."""
-    return await websockets.connect(
+    ws = await websockets.connect(
         f"{relay.url}/v1/server",
         additional_headers={"X-Pyrycode-Server": server_id, "X-Pyrycode-Version": version},
         user_agent_header=f"pyry/{version}",
@@ -201,6 +209,8 @@ async def binary(
         max_size=1 << 20,
         **kwargs,
     )
+    relay.clients.append(ws)
+    return ws
 
 
 async def phone(
@@ -210,7 +220,7 @@ async def phone(
     headers = {"X-Pyrycode-Server": server_id, "X-Pyrycode-Token": TOKEN}
     if device_name is not None:
         headers["X-Pyrycode-Device-Name"] = device_name
-    return await websockets.connect(
+    ws = await websockets.connect(
         f"{relay.url}/v1/client",
         additional_headers=headers,
         user_agent_header="1.4.2",
@@ -218,6 +228,8 @@ async def phone(
         max_size=1 << 20,
         **kwargs,
     )
+    relay.clients.append(ws)
+    return ws
 
 
 async def recv(ws: ClientConnection, timeout: float = 3.0) -> str | bytes:
@@ -318,6 +330,7 @@ class RawWs:
         async with asyncio.timeout(5):
             head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101"), head
+        relay.raw_clients.append(writer)
         return cls(reader, writer)
 
     def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True) -> None:
