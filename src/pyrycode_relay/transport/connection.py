@@ -256,6 +256,7 @@ class Connection(asyncio.Protocol):
                 timer.cancel()
         self._deadline = self._close_timer = self._hb_timer = self._hb_deadline = None
         self._pings = None
+        self._unparsed = None  # a slice still scheduled for parsing is moot now
         self.closing = True
         self._finish()
         release, self.on_release = self.on_release, None
@@ -315,8 +316,10 @@ class Connection(asyncio.Protocol):
 
     def _parse_more(self) -> None:
         rest, self._unparsed = self._unparsed, None
-        if rest is None or self.handler is None:
-            return  # the connection was lost meanwhile
+        if rest is None:
+            return  # the connection was lost meanwhile (connection_lost drops the rest)
+        # Parsing goes on after a relay-initiated close: the peer's close reply may be in
+        # this very read, and finishing the handshake early frees the connection early.
         if len(rest) > _PARSE_SLICE:
             self._unparsed = rest[_PARSE_SLICE:]
             rest = rest[:_PARSE_SLICE]
