@@ -41,6 +41,9 @@ class Counters:
     protocol_errors: int = 0
     closes: dict[str, int] = field(default_factory=dict)
     rtts: list[float] = field(default_factory=list)  # seconds, in the window only
+    # From the moment the frame was actually queued for writing (open loop: the send may
+    # start after its due time by the bench's own timer lag; reported apart, never instead).
+    service: list[float] = field(default_factory=list)
 
     def errors(self) -> int:
         return (
@@ -95,7 +98,7 @@ class Phone:
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
         self.ws: WsClient | None = None
-        self.pending: deque[tuple[bytes, float]] = deque()
+        self.pending: deque[tuple[bytes, float, float]] = deque()
         self.seq = 0
 
     def send(self, t: float) -> None:
@@ -104,7 +107,7 @@ class Phone:
         head = b'{"seq":%d,"t":%d,"pad":"' % (self.seq, int(t * 1e9))
         pad = max(0, self.ctx.size - len(head) - 2)
         frame = head + b"x" * pad + b'"}'
-        self.pending.append((frame, t))
+        self.pending.append((frame, t, time.perf_counter()))
         self.ctx.outstanding += 1
         self.ctx.c.sent += 1
         assert self.ws is not None
@@ -117,10 +120,10 @@ class Phone:
         if not pending:
             c.frame_errors += 1
             return
-        expected, t = pending.popleft()
+        expected, t, sent_at = pending.popleft()
         ctx.outstanding -= 1
         if frame != expected:
-            if any(frame == f for f, _ in pending):
+            if any(frame == f for f, _, _ in pending):
                 c.seq_errors += 1
             else:
                 c.frame_errors += 1
@@ -130,6 +133,7 @@ class Phone:
         lo, hi = ctx.window
         if lo <= t < hi:
             c.rtts.append(now - t)
+            c.service.append(now - sent_at)
         if ctx.on_reply is not None:
             ctx.on_reply(self)
         if ctx.outstanding == 0 and ctx.idle_drained is not None:
@@ -390,6 +394,8 @@ async def open_loop(
         size=size,
         warmup=warmup,
         dur=dur,
+        service_p50_ms=_percentiles(ctx.c.service)["p50_ms"],
+        service_p99_ms=_percentiles(ctx.c.service)["p99_ms"],
         send_lag_p99_ms=round(lag[int(0.99 * (len(lag) - 1))] * 1000, 3) if lag else None,
     )
     return out

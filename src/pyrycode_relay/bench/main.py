@@ -262,6 +262,8 @@ SUMMARY_KEYS = {
         "p99_ms",
         "p999_ms",
         "max_ms",
+        "service_p50_ms",
+        "service_p99_ms",
         "send_lag_p99_ms",
         "relay_cpu_pct",
         "client_cpu_pct",
