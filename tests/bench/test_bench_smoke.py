@@ -114,3 +114,21 @@ def test_checker_counts_reordered_changed_and_lost_frames() -> None:
     assert (c.received, c.seq_errors, c.frame_errors) == (1, 1, 1)
     assert len(phone.pending) == 1  # the fourth was never answered: lost at the drain
     assert c.errors() == 2
+
+
+async def test_closed_loop_against_a_given_url(tmp_path: Path) -> None:
+    """`--url` + `--pid`: the bench measures a relay someone else started."""
+    from tests.e2e.harness import run_command, start_relay
+
+    out = tmp_path / "url.json"
+    async with start_relay("--rate-limit-burst=0") as relay:
+        code, log = await run_command(
+            [*BENCH, "closed", "--url", relay.url, "--pid", str(relay.proc.pid), "--no-pin",
+             "-b", "2", "-p", "3", "-d", "2", "--warmup", "0.2", "--dur", "1", "--out", str(out)]
+        )  # fmt: skip
+    assert code == 0, log[-2000:]
+    doc = json.loads(out.read_text())
+    (run,) = doc["runs"]
+    assert run["relay"] == "url"
+    assert_clean(run["result"])
+    assert run["result"]["n"] > 0 and run["result"]["relay_cpu_pct"] is not None

@@ -4,7 +4,11 @@ relay endpoints, so relay ÷ echo says how much the relay adds on top of its tra
 Owns: a router that upgrades `/echo` and echoes every message back as a text frame.
 Must never: listen on anything but loopback, or be used outside the bench.
 
-    python -m pyrycode_relay.bench.echo 127.0.0.1:PORT
+    python -m pyrycode_relay.bench.echo 127.0.0.1:PORT [WRITE_HIGH]
+
+WRITE_HIGH is the send-buffer allowance per connection: 1 MiB by default, like nothing
+in particular (writes are batched per loop iteration, ADR 0010); 0 gives the phones'
+setting (one write per frame), for a ceiling with the relay's phone-side write pattern.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ class _Echo:
 
 
 class EchoRouter:
+    def __init__(self, write_high: int) -> None:
+        self.write_high = write_high
+
     def route(self, conn: Connection, head: RequestHead) -> None:
         if head.path != "/echo":
             conn.respond(error_response(404))
@@ -65,13 +72,13 @@ class EchoRouter:
         if handshake is None:
             conn.respond(handshake_error(head))
             return
-        conn.accept_websocket(handshake, _Echo(conn), 1 << 20, conn.start_heartbeat)
+        conn.accept_websocket(handshake, _Echo(conn), self.write_high, conn.start_heartbeat)
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, write_high: int) -> None:
     loop = asyncio.get_running_loop()
     live: set[Connection] = set()
-    router = EchoRouter()
+    router = EchoRouter(write_high)
     server = await loop.create_server(lambda: Connection(router, SETTINGS, live), host, port)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -82,15 +89,16 @@ async def serve(host: str, port: int) -> None:
 
 def main(argv: list[str]) -> int:
     host, _, port = argv[0].rpartition(":")
+    write_high = int(argv[1]) if len(argv) > 1 else 1 << 20
     if host not in ("127.0.0.1", "::1", "[::1]"):
         print("echo: loopback only", file=sys.stderr)
         return 2
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(host.strip("[]"), int(port)))
+        asyncio.run(serve(host.strip("[]"), int(port), write_high))
     else:
-        uvloop.run(serve(host.strip("[]"), int(port)))
+        uvloop.run(serve(host.strip("[]"), int(port), write_high))
     return 0
 
 

@@ -133,7 +133,13 @@ def relay_argv(kind: str, port: int, args: argparse.Namespace) -> list[str]:
             raise SystemExit("bench: --go-relay PATH is needed for the go relay")
         return [args.go_relay, "--insecure-listen", listen]
     if kind == "echo":
-        return [sys.executable, "-m", "pyrycode_relay.bench.echo", listen]
+        return [
+            sys.executable,
+            "-m",
+            "pyrycode_relay.bench.echo",
+            listen,
+            str(args.echo_write_high),
+        ]
     raise SystemExit(f"bench: unknown relay {kind!r} (self, go, echo)")
 
 
@@ -339,8 +345,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="extra flag for our relay (repeatable, e.g. --relay-arg=--log-level=error)",
     )
     ap.add_argument("--heartbeat-interval", default="30s", help="our relay's heartbeat [30s]")
-    ap.add_argument("--relay-cpu", type=int, default=0)
-    ap.add_argument("--bench-cpu", type=int, default=1)
+    ap.add_argument(
+        "--echo-write-high",
+        type=int,
+        default=1 << 20,
+        help="echo server's send-buffer allowance; 0 = one write per frame like phones",
+    )
+    ap.add_argument("--relay-cpu", type=int, help="default: the first CPU we may use")
+    ap.add_argument("--bench-cpu", type=int, help="default: the second CPU we may use")
     ap.add_argument("--no-pin", action="store_true", help="do not pin relay or bench")
     ap.add_argument("--reps", type=int, default=1, help="interleaved repetitions per relay")
     ap.add_argument("-b", type=int, default=10, help="binaries (closed)")
@@ -362,8 +374,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         ap.error("bounded runs only: --dur/--hold ≤ 600 s, --reps ≤ 20")
     if args.connections > 30000 or args.b * args.p > 20000 or args.phones > 20000:
         ap.error("at most 30,000 connections")
-    if args.no_pin or (os.cpu_count() or 1) < 2:
+    allowed = sorted(os.sched_getaffinity(0))
+    if args.no_pin or len(allowed) < 2:
         args.relay_cpu = args.bench_cpu = None
+    else:
+        if args.relay_cpu is None:
+            args.relay_cpu = allowed[0]
+        if args.bench_cpu is None:
+            args.bench_cpu = next(c for c in allowed if c != args.relay_cpu)
     return args
 
 
