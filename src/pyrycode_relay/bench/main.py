@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -148,10 +149,14 @@ def started(kind: str, args: argparse.Namespace) -> Iterator[tuple[load.Target, 
     """A fresh relay of `kind` on a free loopback port, pinned to --relay-cpu."""
     port = free_port()
     argv = relay_argv(kind, port, args)
+    late_pin = False
     if args.relay_cpu is not None:
-        # taskset pins before exec, so every thread the relay starts (Go's runtime
-        # threads too) inherits the CPU; it then execs, so the pid is the relay's.
-        argv = ["taskset", "-c", str(args.relay_cpu), *argv]
+        if shutil.which("taskset"):
+            # taskset pins before exec, so every thread the relay starts (Go's runtime
+            # threads too) inherits the CPU; it then execs, so the pid is the relay's.
+            argv = ["taskset", "-c", str(args.relay_cpu), *argv]
+        else:
+            late_pin = True  # pins the main thread right after start: fine for Python
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -159,6 +164,8 @@ def started(kind: str, args: argparse.Namespace) -> Iterator[tuple[load.Target, 
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    if late_pin:
+        os.sched_setaffinity(proc.pid, {args.relay_cpu})
     try:
         deadline = time.monotonic() + 20
         while True:
