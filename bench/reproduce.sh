@@ -24,8 +24,11 @@ for d in 1 8; do
     --out "$R/closed-10x10x$d.json" >/dev/null
 done
 
-# 3. Open loop: 5,000 phones at 1 frame/s (3 repetitions), then a sweep for the plot.
-"${B[@]}" open --relay self,go --phones 5000 --rate 1 --reps 3 --dur 10 \
+"${B[@]}" closed --relay self,echo --echo-write-high 0 -b 10 -p 10 -d 8 --reps 3 --dur 5 \
+  --out "$R/closed-10x10x8-echo-per-frame.json" >/dev/null
+
+# 3. Open loop: 5,000 phones at 1 frame/s (5 repetitions), then a sweep for the plot.
+"${B[@]}" open --relay self,go --phones 5000 --rate 1 --reps 5 --dur 10 \
   --out "$R/open-5000x1.json" >/dev/null
 "${B[@]}" open --relay self,go --phones 5000 --rate 0.5,1,2,4,6 --dur 5 \
   --out "$R/open-sweep.json" >/dev/null
@@ -33,3 +36,6 @@ done
 
 # 4. Idle: 10,000 connections held 65 s (two 30 s heartbeats), ours and the Go relay.
 "${B[@]}" idle --relay self,go --connections 10000 --hold 65 --out "$R/idle-10000.json" >/dev/null
+
+# 5. Memory growth with connections and with queued bytes.
+.venv/bin/python scripts/measure_memory.py --connections 10000 >"$R/memory-growth.txt"
