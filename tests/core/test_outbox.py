@@ -12,7 +12,7 @@ def test_costs_and_fifo() -> None:
     assert box.push(Item(None, 4401))
     assert box.queued_bytes == 100 + 2 * ITEM_OVERHEAD == budget.used
     first = box.pop()
-    assert first.frame == b"a" * 100 and box.inflight is first
+    assert first.frame == b"a" * 100 and box.writing
     assert box.queued_bytes == 228  # the item being written still counts
     box.written()
     assert box.queued_bytes == ITEM_OVERHEAD == budget.used
@@ -44,6 +44,18 @@ def test_clear_returns_inflight_and_queued_bytes() -> None:
         box.push(Item(b"f" * 50, 0))
     box.pop()
     box.clear()
-    assert budget.used == 0 and box.queued_bytes == 0 and box.inflight is None
+    assert budget.used == 0 and box.queued_bytes == 0 and not box.writing
     box.written()  # a late completion after clear must not double-release
     assert budget.used == 0
+
+
+def test_a_batch_of_popped_items_counts_until_written() -> None:
+    budget = BufferBudget(1 << 20)
+    box = Outbox(1 << 20, budget)
+    for n in (10, 20, 30):
+        box.push(Item(b"x" * n, 0))
+    box.pop()
+    box.pop()
+    assert box.writing and budget.used == 60 + 3 * ITEM_OVERHEAD  # nothing released yet
+    box.written()
+    assert not box.writing and budget.used == 30 + ITEM_OVERHEAD == box.queued_bytes

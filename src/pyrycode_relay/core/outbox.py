@@ -1,8 +1,9 @@
 """Per-phone delivery queue accounting, and the relay-wide buffered-bytes budget.
 
 Owns: the FIFO of items waiting for one phone, each costing `len(frame) + 64` bytes
-(reference §7.6), the item being written (it still counts until its write completes),
-and the shared budget every outbox draws from (`--max-buffered-bytes`).
+(reference §7.6), the items being written (handed to the socket layer as one batch; they
+still count until that write completes), and the shared budget every outbox draws from
+(`--max-buffered-bytes`).
 Must never: touch a socket. The phone's writer (endpoints.client) pops items, writes
 them and reports completion; overflow is reported to the caller, who closes the phone.
 """
@@ -41,13 +42,14 @@ class Outbox:
     """One phone's queue. States: open → closed (overflow, directive reached, teardown)."""
 
     __slots__ = ("_budget", "_inflight", "_items", "_limit", "closed", "queued_bytes")
+    # _inflight: the summed cost of items popped for writing and not yet written
 
     def __init__(self, limit: int, budget: BufferBudget) -> None:
         self._limit = limit
         self._budget = budget
         self._items: deque[Item] = deque()
-        self._inflight: Item | None = None
-        self.queued_bytes = 0  # queued items plus the one being written
+        self._inflight = 0
+        self.queued_bytes = 0  # queued items plus those being written
         self.closed = False
 
     def __len__(self) -> int:
@@ -68,26 +70,26 @@ class Outbox:
     def pop(self) -> Item:
         """Take the next item for writing; it stays counted until `written()`."""
         item = self._items.popleft()
-        self._inflight = item
+        self._inflight += item.cost
         return item
 
     def written(self) -> None:
-        """The item from the last `pop()` is fully handed to the socket."""
-        item = self._inflight
-        if item is not None:
-            self._inflight = None
-            self._release(item.cost)
+        """Every item popped so far is fully handed to the socket."""
+        if self._inflight:
+            self._release(self._inflight)
+            self._inflight = 0
 
     @property
-    def inflight(self) -> Item | None:
-        return self._inflight
+    def writing(self) -> bool:
+        """Items are popped and not yet written."""
+        return self._inflight != 0
 
     def clear(self) -> None:
         """Close the outbox and drop everything, returning the bytes to the budget."""
         self.closed = True
         self._release(self.queued_bytes)
         self._items.clear()
-        self._inflight = None
+        self._inflight = 0
 
     def _release(self, cost: int) -> None:
         self.queued_bytes -= cost

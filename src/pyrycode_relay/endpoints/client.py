@@ -171,7 +171,7 @@ class PhoneSession:
             outbox.clear()
             self.conn.close(item.close_code or 1011, "phone backlog full")
             return
-        if outbox.inflight is None and not self.conn.write_paused:
+        if not self.conn.write_paused:
             self._pump()
 
     def _enqueue_failed(self, err: str) -> None:
@@ -183,10 +183,13 @@ class PhoneSession:
         )
 
     def _pump(self) -> None:
+        # Hands queued items to the connection until its batch for this loop iteration
+        # is full or its socket is blocked. Popped items stay counted in the outbox until
+        # `on_writable` reports the batch written, so batching never loosens the budget.
         outbox = self.outbox
         conn = self.conn
         stats = self.relay.stats
-        while len(outbox) and not conn.write_paused:
+        while len(outbox) and not conn.write_paused and not conn.batch_full:
             item = outbox.pop()
             if item.frame is not None:
                 if not conn.send_text(item.frame):
@@ -197,9 +200,6 @@ class PhoneSession:
                 outbox.clear()  # frames queued after a directive are dropped
                 conn.close(item.close_code)
                 return
-            if conn.write_paused:
-                return  # the frame stays counted until the socket drains
-            outbox.written()
 
     def on_writable(self) -> None:
         self.outbox.written()

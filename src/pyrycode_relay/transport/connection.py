@@ -43,6 +43,9 @@ _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.P
 # few ms at a time and every other peer is served in between (ADR 0009).
 _PARSE_SLICE = 16 * 1024
 
+# Most bytes a phone's writer hands over for one write(2) (see Connection._flush).
+BATCH_BYTES = 64 * 1024
+
 # websockets logs through the stdlib; the relay's own logger is the only output we allow
 # (allowlisted keys), so its records go nowhere.
 _WS_LOGGER = logging.getLogger("pyrycode_relay.websockets")
@@ -468,21 +471,24 @@ class Connection(asyncio.Protocol):
         assert ws is not None and transport is not None
         for chunk in ws.data_to_send():
             if chunk:
-                if self._write_high <= 1:
-                    transport.write(chunk)
-                    continue
-                # Write batching (ADR 0010): frames for a peer with a send-buffer
-                # allowance (a binary) are joined into one write(2) at the end of this
-                # loop iteration, instead of one syscall per frame. Only while the
-                # transport's buffer plus what we hold stays below its high-water mark:
-                # then the immediate write could not have paused the transport either, so
-                # `write_paused` changes at exactly the same sends as without batching.
+                # Write batching (ADR 0010): frames are joined into one write(2) at the end
+                # of this loop iteration instead of one syscall per frame.
                 cork = self._cork
                 if not cork:
-                    self._loop.call_soon(self._uncork)
+                    self._loop.call_soon(self._uncork_soon)
                 cork.append(chunk)
                 self._cork_bytes += len(chunk)
-                if self._cork_bytes + transport.get_write_buffer_size() >= self._write_high:
+                # A peer with a send-buffer allowance (a binary) is written at once when
+                # the batch would reach its high-water mark: the immediate write could not
+                # have paused the transport before that, so `write_paused` changes at
+                # exactly the same sends as without batching. A peer without one (a
+                # phone: any unsent byte counts as blocked) is never written mid-batch;
+                # its writer stops adding at BATCH_BYTES (`batch_full`) and keeps what it
+                # handed over counted until `on_writable` says the batch is written.
+                if (
+                    self._write_high > 1
+                    and self._cork_bytes + transport.get_write_buffer_size() >= self._write_high
+                ):
                     self._uncork()
             else:  # websockets signals "close the TCP connection" with an empty chunk
                 self._uncork()
@@ -494,6 +500,25 @@ class Connection(asyncio.Protocol):
                         self._settings.close_timeout, transport.abort
                     )
                 self._finish()
+
+    @property
+    def batch_full(self) -> bool:
+        """The batch to be written at the end of this loop iteration is big enough."""
+        return self._cork_bytes >= BATCH_BYTES
+
+    def _uncork_soon(self) -> None:
+        self._uncork()
+        # For a peer without a send-buffer allowance, a batch the kernel took whole is
+        # its "write finished": tell the endpoint, which releases what it counted as
+        # being written. (A partial write paused the transport; resume_writing tells it.)
+        handler = self.handler
+        if (
+            self._write_high <= 1
+            and handler is not None
+            and not self.closing
+            and not self.write_paused
+        ):
+            handler.on_writable()
 
     def _uncork(self) -> None:
         cork = self._cork
