@@ -24,8 +24,6 @@ for d in 1 8; do
     --out "$R/closed-10x10x$d.json" >/dev/null
 done
 
-"${B[@]}" closed --relay self,echo --echo-write-high 0 -b 10 -p 10 -d 8 --reps 3 --dur 5 \
-  --out "$R/closed-10x10x8-echo-per-frame.json" >/dev/null
 
 # 3. Open loop: 5,000 phones at 1 frame/s (5 repetitions), then a sweep for the plot.
 "${B[@]}" open --relay self,go --phones 5000 --rate 1 --reps 5 --dur 10 \
