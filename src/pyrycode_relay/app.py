@@ -58,17 +58,6 @@ def _internal_error(log: Logger, _loop: object, context: dict[str, object]) -> N
     log.error("internal error", err=type(exc).__name__ if exc is not None else "unknown")
 
 
-def conn_settings(config: Config) -> ConnSettings:
-    return ConnSettings(
-        handshake_timeout=config.handshake_timeout,
-        heartbeat_interval=config.heartbeat_interval,
-        heartbeat_timeout=config.heartbeat_timeout,
-        message_read_timeout=config.message_read_timeout,
-        write_timeout=config.write_timeout,
-        max_message_bytes=config.max_message_bytes,
-    )
-
-
 async def _listen(
     address: str, router: Router, settings: ConnSettings, live: LiveConnections
 ) -> asyncio.Server:
@@ -99,7 +88,7 @@ async def serve(
             )
             return EXIT_CONFIG_REFUSED
     relay = Relay(config, log, version, push_sender)
-    settings = conn_settings(config)
+    settings = ConnSettings.from_config(config)
     live = LiveConnections()
     servers: list[Listener] = []
     tls: TlsFrontEnd | None = None

@@ -17,6 +17,7 @@ import asyncio
 import signal
 import sys
 
+from pyrycode_relay.core.config import parse_args
 from pyrycode_relay.transport.connection import (
     Connection,
     ConnSettings,
@@ -25,14 +26,8 @@ from pyrycode_relay.transport.connection import (
 )
 from pyrycode_relay.transport.http import RequestHead, error_response
 
-SETTINGS = ConnSettings(
-    handshake_timeout=5.0,
-    heartbeat_interval=30.0,
-    heartbeat_timeout=30.0,
-    message_read_timeout=30.0,
-    write_timeout=10.0,
-    max_message_bytes=262144,
-)
+# The relay's own defaults: the echo must run the same stack with the same limits.
+SETTINGS = ConnSettings.from_config(parse_args([], {}))
 
 
 class _Echo:

@@ -45,6 +45,18 @@ class Counters:
     # start after its due time by the bench's own timer lag; reported apart, never instead).
     service: list[float] = field(default_factory=list)
 
+    def error_fields(self) -> dict[str, Any]:
+        """Every error counter (and the close codes seen) for a result's JSON."""
+        return {
+            "seq_errors": self.seq_errors,
+            "frame_errors": self.frame_errors,
+            "lost": self.lost,
+            "env_errors": self.env_errors,
+            "conn_errors": self.conn_errors,
+            "protocol_errors": self.protocol_errors,
+            "closes": self.closes,
+        }
+
     def errors(self) -> int:
         return (
             self.seq_errors
@@ -261,13 +273,7 @@ def _result(ctx: Ctx, seconds: float, client_cpu: float) -> dict[str, Any]:
         "n": n,
         "sent": c.sent,
         "received": c.received,
-        "seq_errors": c.seq_errors,
-        "frame_errors": c.frame_errors,
-        "lost": c.lost,
-        "env_errors": c.env_errors,
-        "conn_errors": c.conn_errors,
-        "protocol_errors": c.protocol_errors,
-        "closes": c.closes,
+        **c.error_fields(),
         "close_notices": c.close_notices,
         "client_cpu_pct": client_cpu,
         "client_bound": client_cpu >= 90.0,
@@ -473,13 +479,7 @@ async def idle(
         "client_cpu_pct": client_cpu,
         "pings_answered": pings,
         "still_open": still_open,
-        "seq_errors": c.seq_errors,
-        "frame_errors": c.frame_errors,
-        "lost": c.lost,
-        "env_errors": c.env_errors,
-        "conn_errors": c.conn_errors,
-        "protocol_errors": c.protocol_errors,
-        "closes": c.closes,
+        **c.error_fields(),
         "ok": opened == connections
         and still_open == opened
         and c.errors() == 0

@@ -26,6 +26,7 @@ from websockets.protocol import OPEN, Side
 from websockets.protocol import Protocol as WsProtocol
 from websockets.server import ServerProtocol
 
+from pyrycode_relay.core.config import Config
 from pyrycode_relay.core.envelope import is_utf8
 from pyrycode_relay.transport.http import (
     HeadReader,
@@ -63,6 +64,17 @@ class ConnSettings:
     message_read_timeout: float
     write_timeout: float
     max_message_bytes: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> ConnSettings:
+        return cls(
+            handshake_timeout=config.handshake_timeout,
+            heartbeat_interval=config.heartbeat_interval,
+            heartbeat_timeout=config.heartbeat_timeout,
+            message_read_timeout=config.message_read_timeout,
+            write_timeout=config.write_timeout,
+            max_message_bytes=config.max_message_bytes,
+        )
 
     @property
     def close_timeout(self) -> float:
