@@ -139,19 +139,20 @@ def relay_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def start_relay(
-    *flags: str,
+async def launch(
+    argv: Sequence[str],
+    *,
+    port: int,
+    metrics_port: int = 0,
     env: Mapping[str, str] | None = None,
-    timers: Sequence[str] = FAST_TIMERS,
-    metrics: bool = True,
+    ready: str = "msg=starting ",
+    timeout: float = 10.0,
 ) -> AsyncIterator[Relay]:
-    port = free_port()
-    metrics_port = free_port() if metrics else 0
-    args = [f"--insecure-listen=127.0.0.1:{port}", "--max-connections=200", *timers]
-    args.append(f"--metrics-listen=127.0.0.1:{metrics_port}" if metrics else "--metrics-listen=")
-    args.extend(flags)  # later flags win (Go flag semantics)
+    """Run a relay command line until the block ends: wait for its `ready` log line,
+    then kill it, close every client the test opened through the harness, and check
+    the log's hygiene (no device token, no internal error)."""
     proc = await asyncio.create_subprocess_exec(
-        *relay_command(*args),
+        *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
@@ -159,7 +160,7 @@ async def start_relay(
     )
     relay = Relay(proc, port, metrics_port)
     try:
-        await relay.wait_log("msg=starting ", timeout=10)
+        await relay.wait_log(ready, timeout=timeout)
         yield relay
     finally:
         if proc.returncode is None:
@@ -172,6 +173,24 @@ async def start_relay(
         for writer in relay.raw_clients:
             writer.transport.abort()
         assert TOKEN not in relay.log, "a device token reached the logs"
+        assert "internal error" not in relay.log, relay.log
+
+
+@contextlib.asynccontextmanager
+async def start_relay(
+    *flags: str,
+    env: Mapping[str, str] | None = None,
+    timers: Sequence[str] = FAST_TIMERS,
+    metrics: bool = True,
+) -> AsyncIterator[Relay]:
+    """The relay in insecure mode on a free port, short timers, then `flags`."""
+    port = free_port()
+    metrics_port = free_port() if metrics else 0
+    args = [f"--insecure-listen=127.0.0.1:{port}", "--max-connections=200", *timers]
+    args.append(f"--metrics-listen=127.0.0.1:{metrics_port}" if metrics else "--metrics-listen=")
+    args.extend(flags)  # later flags win (Go flag semantics)
+    async with launch(relay_command(*args), port=port, metrics_port=metrics_port, env=env) as r:
+        yield r
 
 
 async def run_command(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[int, str]:

@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
 
 import pytest
 import websockets
@@ -27,12 +26,12 @@ from tests.e2e.harness import (
     closed_with,
     free_port,
     http_request,
+    launch,
     paired,
     phone,
     raw_read_close,
     recv_json,
     relay_command,
-    relay_env,
     run_command,
     run_relay,
     start_relay,
@@ -50,27 +49,6 @@ def refusal_line(out: str, needle: str) -> str:
     lines = [line for line in out.splitlines() if needle in line]
     assert len(lines) == 1, out
     return lines[0]
-
-
-@contextlib.asynccontextmanager
-async def spawn(
-    argv: Sequence[str], port: int, ready: str, env: Mapping[str, str] | None = None
-) -> AsyncIterator[Relay]:
-    """Like `start_relay`, for a full command line of our own and another ready line."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=relay_env(env),
-    )
-    relay = Relay(proc, port, 0)
-    try:
-        await relay.wait_log(ready, timeout=10)
-        yield relay
-    finally:
-        await relay.stop(signal.SIGKILL)
-        assert TOKEN not in relay.log
 
 
 def listening_ports(pid: int) -> set[int]:
@@ -235,7 +213,7 @@ async def test_capability_allowlist() -> None:  # I79
     assert "cap_net_admin" in line and "cap_net_raw" in line
     # CAP_NET_BIND_SERVICE alone is allowed
     only_bind = ("--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service")
-    async with spawn(setpriv(*only_bind) + relay_command(*flags), port, "msg=starting ") as relay:
+    async with launch(setpriv(*only_bind) + relay_command(*flags), port=port) as relay:
         status, _, _ = await http_request(port, "GET", "/healthz")
         assert status == 200
         assert await relay.stop() == 0
@@ -408,7 +386,7 @@ async def test_json_log_format() -> None:  # I87: --log-format=json (README §2)
         *FAST_TIMERS,
         "--log-format=json",
     )
-    async with spawn(argv, port, '"msg":"starting"') as relay:
+    async with launch(argv, port=port, ready='"msg":"starting"') as relay:
         await paired(relay, "s1")
         await relay.wait_log('"msg":"phone_registered"')
         assert await relay.stop() == 0

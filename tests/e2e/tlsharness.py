@@ -15,7 +15,7 @@ from typing import Any
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from tests.e2e.harness import FAST_TIMERS, TOKEN, Relay, free_port, relay_command, relay_env
+from tests.e2e.harness import FAST_TIMERS, TOKEN, Relay, free_port, launch, relay_command
 
 DOMAIN = "localhost"  # resolves to loopback everywhere, so pebble can reach port 80 too
 
@@ -32,25 +32,8 @@ async def start_tls_relay(
     port = port or free_port()
     args = [f"--https-listen=127.0.0.1:{port}", "--max-connections=200", "--metrics-listen="]
     args += [*timers, *flags]
-    proc = await asyncio.create_subprocess_exec(
-        *relay_command(*args),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=relay_env(env),
-    )
-    relay = Relay(proc, port, 0)
-    try:
-        await relay.wait_log(ready, timeout=15)
-        yield relay
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        with contextlib.suppress(Exception):
-            await relay._reader
-        assert TOKEN not in relay.log, "a device token reached the logs"
-        assert "internal error" not in relay.log, relay.log
+    async with launch(relay_command(*args), port=port, env=env, ready=ready, timeout=15) as r:
+        yield r
 
 
 def client_context(ca_pem: bytes) -> ssl.SSLContext:
