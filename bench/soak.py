@@ -208,19 +208,27 @@ async def _connect(url: str, endpoint: str, server_id: str) -> ClientConnection:
     )
 
 
+async def _open(load: Load, endpoint: str, server_id: str) -> ClientConnection | None:
+    """One connection attempt, counted; a refused one backs off briefly (bounded loop)."""
+    try:
+        ws = await _connect(load.url, endpoint, server_id)
+    except (OSError, TimeoutError, websockets.InvalidStatus):
+        load.counters.errors += 1
+        await asyncio.sleep(0.1)
+        return None
+    load.counters.opened += 1
+    return ws
+
+
 async def binary_worker(load: Load, server_id: str, rng: random.Random) -> None:
     loop = asyncio.get_running_loop()
-    url, deadline, c, grace = load.url, load.deadline, load.counters, load.grace
+    deadline, c, grace = load.deadline, load.counters, load.grace
     cycle = 0
     while loop.time() < deadline:
         cycle += 1
-        try:
-            ws = await _connect(url, "server", server_id)
-        except (OSError, TimeoutError, websockets.InvalidStatus):
-            c.errors += 1
-            await asyncio.sleep(0.1)
+        ws = await _open(load, "server", server_id)
+        if ws is None:
             continue
-        c.opened += 1
         try:
             async with asyncio.timeout(
                 max(0.0, min(deadline, loop.time() + rng.uniform(1, 4)) - loop.time())
@@ -239,17 +247,13 @@ async def binary_worker(load: Load, server_id: str, rng: random.Random) -> None:
 
 async def phone_worker(load: Load, server_id: str, wid: int) -> None:
     loop = asyncio.get_running_loop()
-    url, deadline, c, think = load.url, load.deadline, load.counters, load.think
+    deadline, c, think = load.deadline, load.counters, load.think
     cycle = 0
     while loop.time() < deadline:
         cycle += 1
-        try:
-            ws = await _connect(url, "client", server_id)
-        except (OSError, TimeoutError, websockets.InvalidStatus):
-            c.errors += 1
-            await asyncio.sleep(0.1)
+        ws = await _open(load, "client", server_id)
+        if ws is None:
             continue
-        c.opened += 1
         try:
             for i in range(ROUND_TRIPS):
                 payload = f'{{"w":{wid},"c":{cycle},"i":{i},"pad":"{"p" * (i * 40)}"}}'
