@@ -114,6 +114,27 @@ class Registry(Generic[B, P]):
         self._phones -= len(slot.phones)
         return list(slot.phones.values())
 
+    def surrender(self, server_id: str, binary: B | None = None) -> list[P] | None:
+        """Give the slot up to another instance (cluster mode): frees it and returns its
+        phones (to be evicted), or None when there is no slot or `binary` no longer holds
+        it. `binary=None` drops whatever holds it."""
+        slot = self._slots.get(server_id)
+        if slot is None or (binary is not None and slot.binary is not binary):
+            return None
+        del self._slots[server_id]
+        if slot.grace is not None:
+            self._gracing -= 1
+        self._phones -= len(slot.phones)
+        return list(slot.phones.values())
+
+    def in_grace(self, server_id: str) -> bool:
+        slot = self._slots.get(server_id)
+        return slot is not None and slot.grace is not None
+
+    def server_ids(self) -> list[str]:
+        """Every id this registry holds (live or in grace): what a cluster lease covers."""
+        return list(self._slots)
+
     def binary(self, server_id: str) -> B | None:
         """The binary holding the slot, including one in grace (its sends then fail)."""
         slot = self._slots.get(server_id)

@@ -26,6 +26,7 @@ from pyrycode_relay.core.registry import Register
 from pyrycode_relay.transport.connection import Connection
 
 if TYPE_CHECKING:
+    from pyrycode_relay.endpoints.placement import RemoteRoute
     from pyrycode_relay.endpoints.relay import Relay
     from pyrycode_relay.endpoints.server import BinarySession
 
@@ -43,6 +44,7 @@ class PhoneSession:
         "_notice_code",
         "_prefix",
         "_registered",
+        "_route",
         "conn",
         "conn_id",
         "device_name",
@@ -65,14 +67,32 @@ class PhoneSession:
         self.outbox = Outbox(relay.config.phone_outbox_bytes, relay.budget)
         self._registered = False
         self._binary: BinarySession | None = None  # the binary at registration time
+        self._route: RemoteRoute | None = None  # cluster mode: the owner instance's bus
         self._directed = False  # the binary queued a close directive for us
         self._notice_code: int | None = None  # set when our own teardown implies 1001
 
     def start(self) -> None:
+        self.relay.placement.admit(self)
+
+    def register_local(self) -> None:
+        """Registration with the binary on this instance (4404 when there is none)."""
         relay = self.relay
         outcome = relay.registry.register_phone(
             self.server_id, self.conn_id, self, relay.config.max_phones_per_server
         )
+        if outcome is not Register.OK:
+            self.refuse(outcome)
+            return
+        self._binary = relay.registry.binary(self.server_id)
+        self._registered_ok()
+
+    def register_remote(self, route: RemoteRoute) -> None:
+        """The owner instance admitted us: frames and our close travel over `route`."""
+        self._route = route
+        self._registered_ok()
+
+    def refuse(self, outcome: Register) -> None:
+        relay = self.relay
         if outcome is Register.NO_SERVER:
             relay.stats.upgrade("client", "reject_404")
             relay.stats.register_failures["no_server"] += 1
@@ -84,9 +104,17 @@ class PhoneSession:
             relay.stats.register_failures["phones_at_cap"] += 1
             relay.log.warn("phone_register_at_cap", server_id=self.server_id, remote=self.remote)
             self.conn.close(4429, "too many phones for server-id")
-            return
+
+    def unavailable(self, code: int, reason: str) -> None:
+        """Admission the cluster cannot decide now: close `code` (1013), try again."""
+        self.relay.log.warn(
+            "phone_register_unavailable", server_id=self.server_id, close_code=code
+        )
+        self.conn.close(code, reason)
+
+    def _registered_ok(self) -> None:
+        relay = self.relay
         self._registered = True
-        self._binary = relay.registry.binary(self.server_id)
         relay.stats.upgrade("client", "accept")
         relay.log.info(
             "phone_registered",
@@ -110,7 +138,12 @@ class PhoneSession:
                 conn_id=self.conn_id,
                 err=ERR_NOT_JSON,
             )
-            self._end(1000)
+            self.end(1000)
+            return
+        route = self._route
+        if route is not None:  # our binary is on another instance
+            if not route.forward(self, wrap(self._prefix, data)):
+                self.evict(1013, "cluster unavailable")
             return
         # Looked up on every frame: after a reclaim the frame goes to the new holder.
         binary = relay.registry.binary(self.server_id)
@@ -118,7 +151,7 @@ class PhoneSession:
             relay.log.info(
                 "phone_forwarder_no_binary", server_id=self.server_id, conn_id=self.conn_id
             )
-            self._end(1000)
+            self.end(1000)
             return
         if not binary.send(wrap(self._prefix, data), self):
             relay.log.info(
@@ -127,11 +160,11 @@ class PhoneSession:
                 conn_id=self.conn_id,
                 err=ERR_BINARY_GONE,
             )
-            self._end(1000)
+            self.end(1000)
             return
         relay.stats.frames_phone_to_binary += 1
 
-    def _end(self, code: int) -> None:
+    def end(self, code: int) -> None:
         """The relay ends this phone's read loop for a reason of the phone's own side;
         the binary hears 1001 (reference §6.3)."""
         self._notice_code = GOING_AWAY
@@ -220,6 +253,12 @@ class PhoneSession:
         self.outbox.clear()
         self.conn.close(1011, "heartbeat timeout")
 
+    def pause(self) -> None:
+        self.conn.pause_reading()
+
+    def resume(self) -> None:
+        self.conn.resume_reading()
+
     def evict(self, code: int, reason: str) -> None:
         """Eviction, grace expiry, shutdown: bypass the queue and close now."""
         self.outbox.clear()
@@ -235,6 +274,10 @@ class PhoneSession:
         if not self._registered:
             return
         relay = self.relay
+        route = self._route
+        if route is not None:
+            route.closed(self, 0 if self._directed else self._notice_close_code())
+            return
         binary = self._binary
         if (
             not self._directed
@@ -246,14 +289,17 @@ class PhoneSession:
         relay.registry.unregister_phone(self.server_id, self.conn_id, self)
         relay.log.info("phone_unregistered", server_id=self.server_id, conn_id=self.conn_id)
 
-    def _send_close_notice(self, binary: BinarySession) -> None:
-        conn = self.conn
+    def _notice_close_code(self) -> int:
         code = self._notice_code
-        if code is None:
-            if conn.timed_out_reading:
-                code = GOING_AWAY
-            else:
-                code = conn.peer_close_code or conn.relay_close_code or GOING_AWAY
+        if code is not None:
+            return code
+        conn = self.conn
+        if conn.timed_out_reading:
+            return GOING_AWAY
+        return conn.peer_close_code or conn.relay_close_code or GOING_AWAY
+
+    def _send_close_notice(self, binary: BinarySession) -> None:
+        code = self._notice_close_code()
         if not binary.notify(close_notice(self.conn_id, code)):
             self.relay.log.info(
                 "phone_close_notice_send_failed",

@@ -18,11 +18,12 @@ from pyrycode_relay.core.outbox import BufferBudget
 from pyrycode_relay.core.ratelimit import TokenBucketLimiter
 from pyrycode_relay.core.registry import GraceToken, Registry
 from pyrycode_relay.core.stats import RelayStats
+from pyrycode_relay.endpoints.placement import LocalPlacement, Placement
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.push import PushSender, PushWaker
 
 if TYPE_CHECKING:
-    from pyrycode_relay.endpoints.client import PhoneSession
+    from pyrycode_relay.endpoints.placement import PhoneEndpoint
     from pyrycode_relay.endpoints.server import BinarySession
 
 
@@ -35,13 +36,14 @@ class Relay:
         self.version = version
         self.loop = asyncio.get_running_loop()
         self.stats = RelayStats()
-        self.registry: Registry[BinarySession, PhoneSession] = Registry()
+        self.registry: Registry[BinarySession, PhoneEndpoint] = Registry()
         self.limiter = TokenBucketLimiter(
             config.rate_limit_burst, config.rate_limit_interval, time.monotonic
         )
         self.caps = ConnectionCaps(config.max_connections, config.max_connections_per_ip)
         self.budget = BufferBudget(config.max_buffered_bytes)
         self.push = PushWaker(config, log, push_sender)  # push off when there is no sender
+        self.placement: Placement = LocalPlacement(self)  # serve() swaps in cluster mode
         self.started = time.monotonic()
         self.shutting_down = False
 
@@ -56,10 +58,11 @@ class Relay:
         if phones is None:
             return  # stale: the slot was reclaimed or taken over meanwhile
         self.stats.grace_expiries += 1
+        self.placement.expired(server_id)
         for phone in phones:
             phone.evict(1000, "")
 
-    def evict_reclaimed(self, phones: list[PhoneSession]) -> None:
+    def evict_reclaimed(self, phones: list[PhoneEndpoint]) -> None:
         """Phones of a reclaimed or taken-over slot: 4404, no close notice (§5.1)."""
         self.stats.reclaim_evictions += len(phones)
         for phone in phones:

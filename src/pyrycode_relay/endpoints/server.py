@@ -18,7 +18,7 @@ from pyrycode_relay.core.registry import Claim
 from pyrycode_relay.transport.connection import Connection
 
 if TYPE_CHECKING:
-    from pyrycode_relay.endpoints.client import PhoneSession
+    from pyrycode_relay.endpoints.placement import PhoneEndpoint
     from pyrycode_relay.endpoints.relay import Relay
 
 
@@ -44,11 +44,18 @@ class BinarySession:
         self.remote = remote
         self.conn_id = f"server-{server_id}-{secrets.token_hex(4)}"
         self._pending = True  # until the claim is decided
-        self._blocked: list[PhoneSession] = []  # phones paused until our socket drains
+        self._blocked: list[PhoneEndpoint] = []  # phones paused until our socket drains
 
     # -- claim ----------------------------------------------------------------------
 
     def start(self) -> None:
+        self.relay.placement.claim(self)
+
+    def claim_local(self) -> None:
+        """The claim on this instance's registry (in cluster mode: once this instance owns
+        the id, or already held it)."""
+        if self.conn.closing:
+            return  # the claimant left while a cluster claim was in flight
         result = self.relay.registry.claim(self.server_id, self)
         if result.outcome is Claim.CONFLICT:
             assert result.incumbent is not None
@@ -80,7 +87,7 @@ class BinarySession:
             if not decided:
                 decided = True
                 timer.cancel()
-                self._conflict()
+                self.conflict()
 
         def silent() -> None:
             nonlocal decided
@@ -93,7 +100,7 @@ class BinarySession:
             timer.cancel()
             silent()  # a ping that cannot be sent is a failed probe
 
-    def _conflict(self) -> None:
+    def conflict(self) -> None:
         if self.conn.closing:
             return
         relay = self.relay
@@ -111,13 +118,23 @@ class BinarySession:
             return
         evicted = relay.registry.take_over(self.server_id, self, incumbent)
         if evicted is None:
-            self._conflict()  # another claimant won the race
+            self.conflict()  # another claimant won the race
             return
-        relay.stats.takeovers += 1
-        relay.log.info("server_id_takeover", server_id=self.server_id, remote=self.remote)
+        self.took_over()
         relay.evict_reclaimed(evicted)
         incumbent.conn.close(1011, "heartbeat timeout")
         self._claimed()
+
+    def took_over(self) -> None:
+        self.relay.stats.takeovers += 1
+        self.relay.log.info("server_id_takeover", server_id=self.server_id, remote=self.remote)
+
+    def refuse(self, code: int, reason: str) -> None:
+        """A claim the cluster cannot decide now (Redis unreachable): 1013, try again."""
+        self.relay.log.warn(
+            "server_claim_unavailable", server_id=self.server_id, close_code=code
+        )
+        self.conn.close(code, reason)
 
     # -- forwarding: binary → phones ----------------------------------------------
 
@@ -154,7 +171,7 @@ class BinarySession:
 
     # -- forwarding: phones → binary ----------------------------------------------
 
-    def send(self, data: bytes, phone: PhoneSession) -> bool:
+    def send(self, data: bytes, phone: PhoneEndpoint) -> bool:
         """Write one envelope to the binary. If its socket is congested, `phone` stops
         being read until the binary drains (the bounded equivalent of the reference's
         synchronous, write-timeout-bounded send)."""
@@ -163,7 +180,7 @@ class BinarySession:
             return False
         if conn.write_paused:
             self._blocked.append(phone)
-            phone.conn.pause_reading()
+            phone.pause()
         return True
 
     def notify(self, data: bytes) -> bool:
@@ -176,7 +193,7 @@ class BinarySession:
     def _release_blocked(self) -> None:
         blocked, self._blocked = self._blocked, []
         for phone in blocked:
-            phone.conn.resume_reading()
+            phone.resume()
 
     def on_write_timeout(self) -> None:
         # The binary stopped reading for --write-timeout: drop it (its phones notice on

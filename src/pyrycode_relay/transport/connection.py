@@ -330,6 +330,12 @@ class Connection(asyncio.Protocol):
         if self._unparsed is not None:  # (reading is paused meanwhile; defensive)
             self._unparsed += data
             return
+        if self._reading_paused:
+            # Held by the endpoint (e.g. a cluster admission still in flight): frames
+            # already read wait, unparsed, until `resume_reading`.
+            self._unparsed = data
+            self._apply_reading()
+            return
         if len(data) > _PARSE_SLICE:
             self._unparsed = data[_PARSE_SLICE:]
             data = data[:_PARSE_SLICE]
@@ -338,6 +344,8 @@ class Connection(asyncio.Protocol):
         self._parse(data)
 
     def _parse_more(self) -> None:
+        if self._reading_paused:
+            return  # held: `resume_reading` schedules us again
         rest, self._unparsed = self._unparsed, None
         if rest is None:
             return  # the connection was lost meanwhile (connection_lost drops the rest)
@@ -573,7 +581,10 @@ class Connection(asyncio.Protocol):
     def resume_reading(self) -> None:
         if self._reading_paused:
             self._reading_paused = False
-            self._apply_reading()
+            if self._unparsed is not None:
+                self._loop.call_soon(self._parse_more)  # what arrived while held
+            else:
+                self._apply_reading()
 
     def _apply_reading(self) -> None:
         # The socket is read only while no reason to pause holds: an endpoint's
