@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from functools import partial
+from typing import TYPE_CHECKING
 
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.endpoints.relay import Relay
@@ -22,6 +23,7 @@ from pyrycode_relay.ops.boot import (
     ENV_FCM_CREDENTIALS,
     EXIT_CONFIG_REFUSED,
     REASON_FCM_CREDENTIALS,
+    BootRefusal,
     parse_listen_address,
 )
 from pyrycode_relay.ops.log import Logger
@@ -29,6 +31,9 @@ from pyrycode_relay.ops.metrics import MetricsExporter
 from pyrycode_relay.ops.push import build_sender
 from pyrycode_relay.tlsmode import Listener, TlsFrontEnd, TlsRefusal
 from pyrycode_relay.transport.connection import Connection, ConnSettings, Router
+
+if TYPE_CHECKING:
+    from pyrycode_relay.cluster.placement import ClusterPlacement
 
 RATE_LIMIT_SWEEP_SECONDS = 300.0  # reference §8.3
 
@@ -88,6 +93,19 @@ async def serve(
             )
             return EXIT_CONFIG_REFUSED
     relay = Relay(config, log, version, push_sender)
+    cluster: ClusterPlacement | None = None
+    if config.cluster_redis:
+        # Imported here: single instance never loads the Redis client.
+        from pyrycode_relay.cluster import placement as cluster_placement
+
+        cluster = cluster_placement.ClusterPlacement(relay)
+        relay.placement = cluster
+        try:
+            await cluster.start()  # before any listener: nothing is admitted half-ready
+        except BootRefusal as refusal:
+            log.record("error", refusal.msg, refusal.fields)
+            await relay.push.close()
+            return refusal.exit_code
     settings = ConnSettings.from_config(config)
     live = LiveConnections()
     servers: list[Listener] = []
@@ -97,6 +115,7 @@ async def serve(
         try:
             tls.prepare()
         except TlsRefusal as refusal:
+            await relay.placement.stop()
             return refusal.exit_code
     address = config.insecure_listen
     try:
@@ -110,10 +129,11 @@ async def serve(
             log.info("starting metrics listener", addr=address)
             exporter = MetricsExporter(
                 relay.stats,
-                relay.registry.counts,
+                relay.placement.counts,
                 lambda: relay.budget.used,
                 relay.push.outcomes if relay.push.enabled else None,
                 tasks=lambda: len(asyncio.all_tasks(loop)),
+                cluster=None if cluster is None else cluster.figures,
             )
             servers.append(await _listen(address, MetricsRouter(exporter), settings, live))
     except OSError as exc:
@@ -121,6 +141,7 @@ async def serve(
         log.error("listener error; draining")
         for server in servers:
             server.close()
+        await relay.placement.stop()
         await relay.push.close()
         return 1
 
@@ -132,6 +153,8 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     if not relay.push.enabled:
         log.info("push off: PYRYCODE_RELAY_FCM_CREDENTIALS unset")
+    if cluster is not None:
+        log.info("cluster mode", instance_id=cluster.me)
     if tls is None:
         log.info("starting", version=version, mode="insecure", listen=config.insecure_listen)
     else:
@@ -163,6 +186,7 @@ async def serve(
 
     log.info("shutdown signal received; draining")
     await drain(relay, servers, live, log)
+    await relay.placement.stop()  # hands this instance's ids back to the cluster
     await relay.push.close()  # after the drain, as the reference does: cancels in-flight sends
     return 0
 

@@ -208,13 +208,43 @@ def test_fly_empty_is_not_fly() -> None:
     boot(cfg(*DOMAIN), {"FLY_APP_NAME": ""})
 
 
-@pytest.mark.parametrize("flag", ["--cluster-redis=redis://127.0.0.1:6379", "--instance-id=a"])
-def test_cluster_flags_refused_until_cluster_mode_exists(flag: str) -> None:
-    with pytest.raises(BootRefusal) as info:
-        boot(cfg(*DOMAIN, flag), {})
-    assert info.value.msg == "refusing to start: --cluster-redis is not supported yet"
-    assert info.value.exit_code == 2
-    assert "redis://" not in str(info.value.fields)
+def test_cluster_mode_boots_with_a_redis_url_and_bypasses_the_fly_check() -> None:
+    # Cluster mode is the multi-instance intent FLY_APP_NAME's refusal asks for.
+    boot(cfg(*DOMAIN, "--cluster-redis=redis://:pw@10.0.0.5:6380/2"), {"FLY_APP_NAME": "x"})
+    boot(cfg(*DOMAIN, "--cluster-redis=unix:///run/redis.sock", "--instance-id=eu-1.a_b"), {})
+
+
+def test_instance_id_without_cluster_redis_is_refused() -> None:
+    r = refusal(cfg(*DOMAIN, "--instance-id=a"), {})
+    assert r.msg == "refusing to start: --instance-id needs --cluster-redis"
+    assert r.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://secret@127.0.0.1:6379",
+        "redis://:secret@127.0.0.1:notaport",
+        "redis://:secret@127.0.0.1:70000",
+        "redis://:secret@/0",
+        "redis://:secret@127.0.0.1:6379/db",
+        "unix://",
+    ],
+)
+def test_bad_cluster_redis_url_is_refused_without_echoing_it(url: str) -> None:
+    r = refusal(cfg(*DOMAIN, f"--cluster-redis={url}"), {})
+    assert r.msg == "refusing to start: invalid --cluster-redis"
+    assert r.exit_code == 2
+    assert "secret" not in str(r.fields)  # a Redis URL may carry a password
+
+
+@pytest.mark.parametrize("instance_id", ["a b", "x" * 65, "", "é"])
+def test_bad_instance_id_is_refused(instance_id: str) -> None:
+    r = refusal(
+        cfg(*DOMAIN, "--cluster-redis=redis://127.0.0.1", f"--instance-id={instance_id}"), {}
+    )
+    assert r.msg == "refusing to start: invalid --instance-id"
+    assert r.exit_code == 2
 
 
 # --- 6./7. production -------------------------------------------------------------------------

@@ -154,25 +154,38 @@ class Phone:
 
 @dataclass
 class Target:
+    """Where the load connects: binaries to `host:port`, phones there too unless
+    `phone_host`/`phone_port` name another address (a cluster: every phone on the
+    instance that does not hold its binary)."""
+
     host: str
     port: int
     echo: bool = False  # a plain echo server: phones only, no headers, path /echo
+    phone_host: str | None = None
+    phone_port: int | None = None
+
+    @property
+    def phones(self) -> tuple[str, int]:
+        return self.phone_host or self.host, self.phone_port or self.port
 
 
 async def _open(
     ctx: Ctx, target: Target, b: int, p: int
 ) -> tuple[list[Binary], list[Phone], float]:
-    """B binaries, then P phones on each; returns them and the connect wall time."""
+    """B binaries, then P phones on each (at `target.phones`, once every binary is up);
+    returns them and the connect wall time."""
     run_id = os.urandom(3).hex()
     sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
     binaries = [Binary(ctx) for _ in range(0 if target.echo else b)]
     phones = [Phone(ctx) for _ in range(b * p)]
 
-    async def open_one(obj: Binary | Phone, path: str, headers: list[tuple[str, str]]) -> None:
+    async def open_one(
+        obj: Binary | Phone, addr: tuple[str, int], path: str, headers: list[tuple[str, str]]
+    ) -> None:
         async with sem:
             ws = await connect(
-                target.host,
-                port=target.port,
+                addr[0],
+                port=addr[1],
                 path=path,
                 headers=headers,
                 on_text=obj.on_text,
@@ -188,6 +201,7 @@ async def _open(
             *(
                 open_one(
                     bn,
+                    (target.host, target.port),
                     "/v1/server",
                     [
                         ("X-Pyrycode-Server", f"bench-{run_id}-{i}"),
@@ -202,6 +216,7 @@ async def _open(
         *(
             open_one(
                 ph,
+                target.phones,
                 "/echo" if target.echo else "/v1/client",
                 []
                 if target.echo
@@ -291,8 +306,12 @@ async def closed_loop(
     warmup: float,
     dur: float,
     sample: Callable[[], None] | None = None,
+    loaded: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Every phone keeps D frames in flight; a reply sends the next (scenario a)."""
+    """Every phone keeps D frames in flight; a reply sends the next (scenario a).
+
+    `sample` runs at both ends of the measured window, `loaded` after the drain while
+    every connection is still open (blocking there costs no measured latency)."""
     ctx = Ctx(size)
     binaries, phones, _ = await _open(ctx, target, b, p)
     live = [ph for ph in phones if ph.ws is not None]
@@ -321,6 +340,8 @@ async def closed_loop(
         sample()
     stopping = True
     await _drain(ctx, live)
+    if loaded is not None:
+        loaded()
     _close_all(ctx, binaries, phones)
     out = _result(ctx, dur, client_cpu)
     out.update(mode="closed", b=b, p=p, d=d, size=size, warmup=warmup, dur=dur)
@@ -337,8 +358,10 @@ async def open_loop(
     warmup: float,
     dur: float,
     sample: Callable[[], None] | None = None,
+    loaded: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """`phones_n` phones, each sending `rate` frames/s on a fixed schedule (scenario b).
+    `sample` and `loaded` as in `closed_loop`.
 
     The k-th frame overall is due at t0 + k/(phones_n*rate) on phone k mod phones_n; the
     scheduler sends everything that is due whenever it wakes, and each frame's latency is
@@ -389,6 +412,8 @@ async def open_loop(
     if sample is not None:
         sample()
     await _drain(ctx, phones)
+    if loaded is not None:
+        loaded()
     _close_all(ctx, binaries, phones)
     out = _result(ctx, dur, client_cpu)
     lag.sort()

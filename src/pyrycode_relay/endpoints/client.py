@@ -107,9 +107,7 @@ class PhoneSession:
 
     def unavailable(self, code: int, reason: str) -> None:
         """Admission the cluster cannot decide now: close `code` (1013), try again."""
-        self.relay.log.warn(
-            "phone_register_unavailable", server_id=self.server_id, close_code=code
-        )
+        self.relay.log.warn("phone_register_unavailable", server_id=self.server_id, close_code=code)
         self.conn.close(code, reason)
 
     def _registered_ok(self) -> None:

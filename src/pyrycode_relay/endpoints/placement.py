@@ -10,6 +10,7 @@ phone on the same instance never go through a placement.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -42,6 +43,11 @@ class RemoteRoute(Protocol):
 
 
 class Placement(Protocol):
+    def before_accept(self, binary: BinarySession, accept: Callable[[], None]) -> None:
+        """Run `accept` (the 101, then the session's start) once the binary may be
+        accepted; cluster mode first tries to take a free id, so that a binary's 101
+        means its claim of a free id is already visible on every instance."""
+
     def claim(self, binary: BinarySession) -> None:
         """Decide the binary's claim; the session hears `claim_local`, `conflict` or
         `refuse`."""
@@ -73,6 +79,9 @@ class LocalPlacement:
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
+
+    def before_accept(self, binary: BinarySession, accept: Callable[[], None]) -> None:
+        accept()
 
     def claim(self, binary: BinarySession) -> None:
         binary.claim_local()

@@ -89,28 +89,32 @@ class MainRouter:
             conn.respond(handshake_error(head))
             return
         server_id = head.header("x-pyrycode-server")
-        session: BinarySession | PhoneSession
         if endpoint == "server":
-            session = BinarySession(
+            binary = BinarySession(
                 relay, conn, server_id, head.header("x-pyrycode-version"), conn.peer_host
             )
-            write_high = BINARY_WRITE_HIGH
-        else:
-            session = PhoneSession(
-                relay, conn, server_id, head.header("x-pyrycode-device-name"), conn.peer_host
+            relay.placement.before_accept(
+                binary,
+                partial(conn.accept_websocket, handshake, binary, BINARY_WRITE_HIGH, binary.start),
             )
-            write_high = PHONE_WRITE_HIGH
-        conn.accept_websocket(handshake, session, write_high, session.start)
+            return
+        phone = PhoneSession(
+            relay, conn, server_id, head.header("x-pyrycode-device-name"), conn.peer_host
+        )
+        conn.accept_websocket(handshake, phone, PHONE_WRITE_HIGH, phone.start)
 
 
 def healthz_body(relay: Relay) -> bytes:
-    """Exact key order, compact, no trailing newline (reference §8.1)."""
-    binaries, phones = relay.registry.counts()
+    """Exact key order, compact, no trailing newline (reference §8.1); cluster mode appends
+    one `cluster` member."""
+    binaries, phones = relay.placement.counts()
     return (
         b'{"status":"ok","version":'
         + msgspec.json.encode(relay.version)
-        + b',"connected_binaries":%d,"connected_phones":%d,"uptime_seconds":%d}'
+        + b',"connected_binaries":%d,"connected_phones":%d,"uptime_seconds":%d'
         % (binaries, phones, relay.uptime_seconds())
+        + relay.placement.health()
+        + b"}"
     )
 
 

@@ -131,9 +131,7 @@ class BinarySession:
 
     def refuse(self, code: int, reason: str) -> None:
         """A claim the cluster cannot decide now (Redis unreachable): 1013, try again."""
-        self.relay.log.warn(
-            "server_claim_unavailable", server_id=self.server_id, close_code=code
-        )
+        self.relay.log.warn("server_claim_unavailable", server_id=self.server_id, close_code=code)
         self.conn.close(code, reason)
 
     # -- forwarding: binary → phones ----------------------------------------------

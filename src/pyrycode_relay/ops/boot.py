@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import Final
 
@@ -39,7 +40,10 @@ ALLOWED_FIELD_KEYS: Final = frozenset(
 MSG_NO_MODE: Final = (
     "either --domain (for autocert) or --insecure-listen (for behind-proxy mode) must be set"
 )
-MSG_CLUSTER_UNAVAILABLE: Final = "refusing to start: --cluster-redis is not supported yet"
+MSG_INSTANCE_ID_ALONE: Final = "refusing to start: --instance-id needs --cluster-redis"
+MSG_CLUSTER_REDIS: Final = "refusing to start: invalid --cluster-redis"
+MSG_INSTANCE_ID: Final = "refusing to start: invalid --instance-id"
+MSG_INSTANCE_LIVE: Final = "refusing to start: instance id already live in the cluster"
 MSG_INSECURE_EXCLUSIVE: Final = (
     "refusing to start: --insecure-listen is mutually exclusive with "
     "--http-listen / --https-listen / --https-proxy-protocol"
@@ -153,7 +157,12 @@ _FIX_STATIC_EXCLUSIVE: Final = (
     "static certificates need no ACME listener or cache; drop the flag, or drop --tls-cert/"
     "--tls-key to use ACME"
 )
-_FIX_CLUSTER: Final = "run one instance per relay hostname and drop --cluster-redis/--instance-id"
+_FIX_INSTANCE_ID_ALONE: Final = "add --cluster-redis URL for cluster mode, or drop --instance-id"
+_FIX_CLUSTER_REDIS: Final = (
+    "use redis://[user:password@]host[:port][/db], rediss://... for TLS, or unix:///path/to/socket"
+)
+_FIX_INSTANCE_ID: Final = "use 1-64 characters from A-Z a-z 0-9 . _ -, or omit it for a random id"
+_INSTANCE_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _FIX_MAX_CONNECTIONS: Final = "pass a positive connection count, or omit the flag for the default"
 _FIX_ENV: Final = 'set the variable to exactly "1" or unset it'
 _FIX_FCM_CREDENTIALS: Final = (
@@ -223,13 +232,9 @@ def check_boot(
     if not insecure and config.domain == "" and not static:
         raise BootRefusal(MSG_NO_MODE)
 
-    # Cluster mode (issue 6) is not built yet. Accepting the flag and running a lone
-    # in-memory instance would let an operator believe instances share state; refuse.
-    if config.cluster_redis != "" or "instance-id" in config.explicit:
-        raise BootRefusal(
-            MSG_CLUSTER_UNAVAILABLE,
-            {"reason": "relay: cluster mode is not available in this build", "fix": _FIX_CLUSTER},
-        )
+    cluster = config.cluster_redis != ""
+    if cluster or "instance-id" in config.explicit:
+        _check_cluster_flags(config)
 
     if insecure:
         for flag in _TLS_ONLY_FLAGS:
@@ -272,7 +277,12 @@ def check_boot(
         _check_fcm_credentials(environ[ENV_FCM_CREDENTIALS])
     production = environ.get(ENV_PRODUCTION) == "1"
 
-    if environ.get(ENV_FLY_APP_NAME, "") != "" and environ.get(ENV_SINGLE_INSTANCE) != "1":
+    # Cluster mode is the multi-instance intent the check exists to ask for.
+    if (
+        not cluster
+        and environ.get(ENV_FLY_APP_NAME, "") != ""
+        and environ.get(ENV_SINGLE_INSTANCE) != "1"
+    ):
         raise BootRefusal(
             MSG_MULTI_INSTANCE,
             {
@@ -320,6 +330,45 @@ def check_boot(
             parse_listen_address(addr)
         except ValueError as exc:
             raise BootRefusal(MSG_LISTENER, {"reason": str(exc), "addr": addr}) from None
+
+
+def _check_cluster_flags(config: Config) -> None:
+    """Cluster mode needs a usable Redis URL and a well-formed instance id. The URL is never
+    echoed: it may carry a password."""
+    if config.cluster_redis == "":
+        raise BootRefusal(MSG_INSTANCE_ID_ALONE, {"fix": _FIX_INSTANCE_ID_ALONE})
+    reason = redis_url_problem(config.cluster_redis)
+    if reason is not None:
+        raise BootRefusal(MSG_CLUSTER_REDIS, {"reason": reason, "fix": _FIX_CLUSTER_REDIS})
+    if "instance-id" in config.explicit and not _INSTANCE_ID.fullmatch(config.instance_id):
+        raise BootRefusal(
+            MSG_INSTANCE_ID,
+            {
+                "reason": "relay: instance id has a character or length outside the allowed set",
+                "fix": _FIX_INSTANCE_ID,
+            },
+        )
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why `url` is not a Redis URL we can dial, or None."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # raises for a non-numeric or out-of-range port
+    except ValueError:
+        return "relay: redis URL does not parse"
+    if parts.scheme == "unix":
+        return None if parts.path else "relay: unix:// redis URL has no socket path"
+    if parts.scheme not in ("redis", "rediss"):
+        return "relay: redis URL scheme must be redis, rediss or unix"
+    if not parts.hostname:
+        return "relay: redis URL has no host"
+    if port == 0:
+        return "relay: redis URL port must be 1-65535"
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        return "relay: redis URL database must be a number"
+    return None
 
 
 def _check_fcm_credentials(value: str) -> None:

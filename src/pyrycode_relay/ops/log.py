@@ -53,6 +53,7 @@ ALLOWED_KEYS: frozenset[str] = frozenset(
         "signal",
         "serial",
         "not_after",
+        "instance_id",
     }
 )
 

@@ -9,6 +9,7 @@ this module reads them at scrape time, so forwarding a frame never takes a prome
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -126,6 +127,30 @@ class _RelayCollector:
             "Bytes queued in all phone outboxes together.",
             x.outbox_bytes(),
         )
+        if x.cluster is not None:  # only in cluster mode (README §5)
+            c = x.cluster()
+            counter(
+                "pyrycode_relay_cluster_bus_messages_total",
+                "Messages this instance put on, or took off, the cluster bus.",
+                ["direction"],
+                {("publish",): c.published, ("receive",): c.received},
+            )
+            gauge(
+                "pyrycode_relay_cluster_remote_phones",
+                "Phones on this instance whose binary is on another instance.",
+                c.remote_phones,
+            )
+            gauge(
+                "pyrycode_relay_cluster_redis_up",
+                "1 while this instance's cluster bus is connected to Redis, else 0.",
+                1 if c.redis_up else 0,
+            )
+            counter(
+                "pyrycode_relay_cluster_lease_renew_failures",
+                "Lease renewals (every --cluster-lease/3) that failed or could not be tried.",
+                [],
+                {(): c.lease_renew_failures},
+            )
         if x.tasks is not None:
             gauge(
                 "pyrycode_relay_asyncio_tasks",
@@ -138,6 +163,15 @@ class _RelayCollector:
         yield from families
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterFigures:
+    published: int
+    received: int
+    remote_phones: int
+    redis_up: bool
+    lease_renew_failures: int
+
+
 class MetricsExporter:
     """Renders `/metrics` from a `RelayStats`, a live-count source, an outbox-size source,
     when push is on the push waker's outcome counts, and optionally a task-count source."""
@@ -148,13 +182,16 @@ class MetricsExporter:
         counts: Callable[[], tuple[int, int]],
         outbox_bytes: Callable[[], int],
         push_outcomes: dict[str, int] | None = None,
+        *,
         tasks: Callable[[], int] | None = None,
+        cluster: Callable[[], ClusterFigures] | None = None,
     ) -> None:
         self.stats = stats
         self.counts = counts
         self.outbox_bytes = outbox_bytes
         self.push_outcomes = push_outcomes  # None: push is off, the series does not exist
         self.tasks = tasks
+        self.cluster = cluster  # None: single instance, the cluster series do not exist
         self.in_flight = 0
         self.handler_requests: dict[str, int] = dict.fromkeys(_HANDLER_CODES, 0)
         # A private registry: the global one would add process_/python_/gc series.

@@ -1,0 +1,259 @@
+"""The message bus between relay instances: one Redis pub/sub channel per instance.
+
+Owns: the subscription to our channel (resubscribed with backoff after any Redis failure),
+the single publisher task (every message to every peer goes through it, so messages to one
+peer leave in the order they were sent — per-phone FIFO rests on this), batching of all
+messages queued for one peer in one loop iteration into one PUBLISH, request/reply
+matching with timeouts, the up/down state, and the bus counters.
+Must never: block the caller of `send` (it only queues), hold more than `queue_limit` bytes
+(over it the bus counts as down: cross-instance state is dropped, never silently lost), or
+interpret a message other than a reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from pyrycode_relay.cluster.codec import REPLY, CodecError, channel, decode_batch, encode_batch
+
+BACKOFF_MIN: Final = 0.1
+BACKOFF_MAX: Final = 2.0
+PUBLISH_BYTES: Final = 512 * 1024  # split a peer's batch into publishes of about this size
+MESSAGE_OVERHEAD: Final = 64  # queue accounting per message, besides its frame bytes
+
+FAILURES: Final = (RedisError, OSError, TimeoutError, EOFError)
+
+
+class BusDown(Exception):
+    """The bus is not connected: nothing can cross instances right now."""
+
+
+class BusStats:
+    __slots__ = ("published", "received")
+
+    def __init__(self) -> None:
+        self.published = 0
+        self.received = 0
+
+
+class Bus:
+    def __init__(
+        self,
+        client: Redis,
+        instance_id: str,
+        incarnation: str,
+        *,
+        queue_limit: int,
+        on_message: Callable[[str, str, list[Any]], None],
+        on_up: Callable[[], Awaitable[None]],
+        on_down: Callable[[str], None],
+    ) -> None:
+        self._client = client
+        self.me = instance_id
+        self._incarnation = incarnation
+        self._channel = channel(instance_id)
+        self._queue_limit = queue_limit
+        self._on_message = on_message
+        self._on_up = on_up
+        self._on_down = on_down
+        self.stats = BusStats()
+        self.up = False
+        self._out: dict[str, list[tuple[Any, ...]]] = {}
+        self._queued = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._req = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._settled = asyncio.Event()  # the first connection attempt ended, either way
+        self._subscriber: asyncio.Task[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect once (bounded by the client's timeouts); keep retrying in the background
+        if that fails. Returns once the first attempt is over."""
+        self._publisher = asyncio.create_task(self._publish_loop(), name="cluster-publisher")
+        self._subscriber = asyncio.create_task(self._subscribe_loop(0.0), name="cluster-bus")
+        await self._settled.wait()
+
+    async def close(self, flush_timeout: float) -> None:
+        """Send what is queued (bounded), then stop both tasks."""
+        if self.up and (self._out or not self._idle.is_set()):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flushed(), flush_timeout)
+        self._closed = True
+        for task in (self._subscriber, self._publisher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._fail_pending()
+
+    async def _flushed(self) -> None:
+        while self._out or not self._idle.is_set():
+            await self._idle.wait()
+            await asyncio.sleep(0)
+
+    # -- sending --------------------------------------------------------------------
+
+    def send(self, dest: str, message: tuple[Any, ...], size: int = 0) -> bool:
+        """Queue one message for `dest`; False when the bus is down (nothing queued)."""
+        if not self.up:
+            return False
+        self._queued += size + MESSAGE_OVERHEAD
+        if self._queued > self._queue_limit:
+            self.fail("bus queue over its limit")
+            return False
+        out = self._out.get(dest)
+        if out is None:
+            self._out[dest] = [message]
+            self._wake.set()
+        else:
+            out.append(message)
+        return True
+
+    async def request(self, dest: str, kind: int, *fields: Any, within: float) -> Any:
+        """Send `[kind, req, *fields]` and wait up to `within` seconds for its REPLY's
+        value; None on timeout.
+        Raises BusDown if the bus is (or goes) down meanwhile."""
+        req = next(self._req)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[req] = future
+        try:
+            if not self.send(dest, (kind, req, *fields)):
+                raise BusDown
+            return await asyncio.wait_for(future, within)
+        except TimeoutError:
+            return None
+        finally:
+            self._pending.pop(req, None)
+
+    def reply(self, dest: str, req: int, value: Any) -> None:
+        self.send(dest, (REPLY, req, value))
+
+    async def _publish_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            out, self._out = self._out, {}
+            self._queued = 0
+            if not out or not self.up:
+                continue
+            self._idle.clear()
+            pipe = self._client.pipeline(transaction=False)
+            count = 0
+            for dest, messages in out.items():
+                for batch in _batches(messages):
+                    pipe.publish(channel(dest), encode_batch(self.me, self._incarnation, batch))
+                    count += len(batch)
+            try:
+                await pipe.execute()
+            except FAILURES:
+                self.fail("publish failed")
+            else:
+                self.stats.published += count
+            finally:
+                self._idle.set()
+
+    # -- receiving ------------------------------------------------------------------
+
+    async def _subscribe_loop(self, delay: float) -> None:
+        while not self._closed:
+            if delay:
+                await asyncio.sleep(delay)
+            pubsub = self._client.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                while True:  # the subscription is live once Redis confirms it
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is None:
+                        raise TimeoutError("no subscribe confirmation")
+                    if msg["type"] == "subscribe":
+                        break
+                await self._on_up()
+                self.up = True
+                self._settled.set()
+                delay = 0.0
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if msg is not None and msg["type"] == "message":
+                        self._receive(msg["data"])
+            except FAILURES as exc:
+                self._down(type(exc).__name__)
+            finally:
+                with contextlib.suppress(*FAILURES):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            self._settled.set()
+            delay = min(max(delay * 2, BACKOFF_MIN), BACKOFF_MAX)
+
+    def _receive(self, payload: bytes) -> None:
+        try:
+            sender, incarnation, messages = decode_batch(payload)
+        except CodecError:
+            return  # not one of ours (someone else published on our channel)
+        self.stats.received += len(messages)
+        on_message = self._on_message
+        pending = self._pending
+        for msg in messages:
+            if msg[0] == REPLY:
+                future = pending.get(msg[1])
+                if future is not None and not future.done():
+                    future.set_result(msg[2])
+            else:
+                on_message(sender, incarnation, msg)
+
+    # -- failure --------------------------------------------------------------------
+
+    def fail(self, err: str) -> None:
+        """A command on the bus's Redis failed: drop the subscription and start over (with
+        backoff), so both sides forget cross-instance state together."""
+        if not self.up or self._closed:
+            return
+        self._down(err)
+        if self._subscriber is not None:
+            self._subscriber.cancel()
+        self._subscriber = asyncio.create_task(
+            self._subscribe_loop(BACKOFF_MIN), name="cluster-bus"
+        )
+
+    def _down(self, err: str) -> None:
+        self._out.clear()
+        self._queued = 0
+        self._fail_pending()
+        if self.up:
+            self.up = False
+            self._on_down(err)
+        elif not self._settled.is_set():
+            self._on_down(err)  # the first attempt failed: say so once
+
+    def _fail_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(BusDown())
+
+
+def _batches(messages: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
+    """Split one peer's messages into publishes of about PUBLISH_BYTES, in order."""
+    batches: list[list[tuple[Any, ...]]] = []
+    current: list[tuple[Any, ...]] = []
+    size = 0
+    for msg in messages:
+        current.append(msg)
+        size += MESSAGE_OVERHEAD + sum(len(f) for f in msg if isinstance(f, bytes))
+        if size >= PUBLISH_BYTES:
+            batches.append(current)
+            current, size = [], 0
+    if current:
+        batches.append(current)
+    return batches

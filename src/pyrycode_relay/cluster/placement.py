@@ -1,0 +1,560 @@
+"""Cluster mode: several relay instances act as one relay, over Redis (README §5).
+
+Owns: the Redis-backed `Placement` — a claim of an id held elsewhere (acquire, remote
+conflict probe, compare-and-set takeover), admission of a phone whose binary is on another
+instance (the owner applies 4404/4429), both ends of a cross-instance pair (`_Route` on the
+phone's instance, `RemotePhone` in the owner's registry), lease renewal and peer liveness
+every lease/3, and what a Redis outage or a vanished peer costs (close codes 1013/1011).
+Must never: touch a pair whose binary and phone share this instance — those never leave
+the local registry and keep working while Redis is down — or wait on Redis in a frame's path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from pyrycode_relay.cluster import codec
+from pyrycode_relay.cluster.bus import FAILURES, Bus, BusDown
+from pyrycode_relay.cluster.store import OwnershipStore
+from pyrycode_relay.core.envelope import close_notice
+from pyrycode_relay.core.registry import Register
+from pyrycode_relay.ops.boot import MSG_INSTANCE_LIVE, BootRefusal
+from pyrycode_relay.ops.metrics import ClusterFigures
+
+if TYPE_CHECKING:
+    from pyrycode_relay.endpoints.client import PhoneSession
+    from pyrycode_relay.endpoints.relay import Relay
+    from pyrycode_relay.endpoints.server import BinarySession
+
+UNAVAILABLE: Final = 1013  # RFC 6455 "try again later"
+REASON_UNAVAILABLE: Final = "cluster unavailable"
+REASON_OWNER_GONE: Final = "server owner gone"
+STOP_TIMEOUT: Final = 2.0
+
+
+class ClusterStats:
+    __slots__ = ("lease_renew_failures",)
+
+    def __init__(self) -> None:
+        self.lease_renew_failures = 0
+
+
+class RemotePhone:
+    """In the owner's registry: a phone whose WebSocket is on instance `edge`. What the
+    binary's session does to it becomes a bus message to that instance."""
+
+    __slots__ = ("binary", "conn_id", "edge", "ended", "placement", "server_id")
+
+    def __init__(
+        self, placement: ClusterPlacement, edge: str, server_id: str, conn_id: str
+    ) -> None:
+        self.placement = placement
+        self.edge = edge
+        self.server_id = server_id
+        self.conn_id = conn_id
+        self.binary: BinarySession | None = None  # the holder when it was admitted
+        self.ended = False  # an END is on its way: later frames need no second one
+
+    def deliver(self, frame: bytes) -> None:
+        self.placement.bus.send(self.edge, (codec.DELIVER, self.conn_id, frame), len(frame))
+
+    def close_directive(self, frame: bytes | None, close_code: int) -> None:
+        size = 0 if frame is None else len(frame)
+        self.placement.bus.send(self.edge, (codec.DIRECTIVE, self.conn_id, frame, close_code), size)
+
+    def evict(self, code: int, reason: str) -> None:
+        # Called after the registry let go of us (reclaim, takeover, expiry).
+        self.placement.forget_proxy(self)
+        self.placement.bus.send(self.edge, (codec.EVICT, self.conn_id, code, reason))
+
+    def pause(self) -> None:
+        """Cross-instance frames are not paused: the binary's write timeout bounds them."""
+
+    def resume(self) -> None:
+        pass
+
+
+class _Route:
+    """On the phone's instance: the way to its binary's owner."""
+
+    __slots__ = ("owner", "placement")
+
+    def __init__(self, placement: ClusterPlacement, owner: str) -> None:
+        self.placement = placement
+        self.owner = owner
+
+    def forward(self, phone: PhoneSession, envelope: bytes) -> bool:
+        return self.placement.bus.send(
+            self.owner, (codec.FRAME, phone.server_id, phone.conn_id, envelope), len(envelope)
+        )
+
+    def closed(self, phone: PhoneSession, notice_code: int) -> None:
+        placement = self.placement
+        phones = placement.edges.get(self.owner)
+        if phones is not None and phones.get(phone.conn_id) is phone:
+            del phones[phone.conn_id]
+            if not phones:
+                del placement.edges[self.owner]
+        placement.bus.send(self.owner, (codec.GONE, phone.server_id, phone.conn_id, notice_code))
+
+
+class ClusterPlacement:
+    def __init__(self, relay: Relay) -> None:
+        config = relay.config
+        self.relay = relay
+        self.me = config.instance_id or f"relay-{secrets.token_hex(4)}"
+        self.incarnation = secrets.token_hex(8)
+        self.lease = config.cluster_lease
+        timeout = max(0.25, min(5.0, self.lease / 2))
+        self.client: Redis = Redis.from_url(
+            config.cluster_redis,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),  # a failure is reported at once, not retried blind
+        )
+        self.store = OwnershipStore(self.client, self.me, self.lease)
+        self.bus = Bus(
+            self.client,
+            self.me,
+            self.incarnation,
+            queue_limit=config.max_buffered_bytes,
+            on_message=self._on_message,
+            on_up=self._on_up,
+            on_down=self._on_down,
+        )
+        self.stats = ClusterStats()
+        # phone side: owner instance → our phones whose binary it holds
+        self.edges: dict[str, dict[str, PhoneSession]] = {}
+        # owner side: edge instance → proxies in our registry for its phones
+        self.proxies: dict[str, dict[str, RemotePhone]] = {}
+        self._routes: dict[str, _Route] = {}
+        self._peers: dict[str, str] = {}  # instance → incarnation last heard from it
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # binaries between their id lookup and their claim: the owner found (None: failed)
+        self._acquired: dict[BinarySession, str | None] = {}
+        self._ticker: asyncio.Task[None] | None = None
+
+    # -- Placement ------------------------------------------------------------------
+
+    def before_accept(self, binary: BinarySession, accept: Callable[[], None]) -> None:
+        if self.relay.registry.binary(binary.server_id) is not None or not self.bus.up:
+            accept()  # held here already, or Redis is down (the claim then says 1013)
+            return
+        binary.conn.pause_reading()  # nothing is read until the 101
+        self._spawn(self._acquire(binary, accept))
+
+    async def _acquire(self, binary: BinarySession, accept: Callable[[], None]) -> None:
+        sid = binary.server_id
+        owner: str | None
+        try:
+            owner = await self.store.acquire(sid)
+        except FAILURES:
+            owner = None
+        if binary.conn.closing:  # the client left before its 101
+            if owner == self.me:
+                await self._release([sid])
+            return
+        binary.conn.resume_reading()
+        self._acquired[binary] = owner
+        accept()
+
+    def claim(self, binary: BinarySession) -> None:
+        owner = self._acquired.pop(binary, None)
+        if self.relay.registry.binary(binary.server_id) is not None or owner == self.me:
+            binary.claim_local()  # held here (live or in grace), or the id was free
+            return
+        if owner is None:  # Redis failed (or was down) when the id was looked up
+            binary.refuse(UNAVAILABLE, REASON_UNAVAILABLE)
+            return
+        binary.conn.pause_reading()  # until decided, nothing is read
+        self._spawn(self._claim(binary, owner))
+
+    def admit(self, phone: PhoneSession) -> None:
+        if self.relay.registry.binary(phone.server_id) is not None:
+            phone.register_local()
+            return
+        phone.conn.pause_reading()  # early frames wait for the owner's answer
+        self._spawn(self._admit(phone))
+
+    def expired(self, server_id: str) -> None:
+        if self.bus.up:
+            self._spawn(self._release([server_id]))
+
+    def counts(self) -> tuple[int, int]:
+        binaries, phones = self.relay.registry.counts()
+        proxies = sum(len(p) for p in self.proxies.values())
+        remote = sum(len(p) for p in self.edges.values())
+        return binaries, phones - proxies + remote
+
+    def figures(self) -> ClusterFigures:
+        return ClusterFigures(
+            published=self.bus.stats.published,
+            received=self.bus.stats.received,
+            remote_phones=sum(len(p) for p in self.edges.values()),
+            redis_up=self.bus.up,
+            lease_renew_failures=self.stats.lease_renew_failures,
+        )
+
+    def health(self) -> bytes:
+        return b',"cluster":{"instance_id":%s,"redis":"%s"}' % (
+            msgspec.json.encode(self.me),
+            b"up" if self.bus.up else b"down",
+        )
+
+    async def start(self) -> None:
+        log = self.relay.log
+        try:
+            registered = await self._register_instance()
+        except FAILURES as exc:
+            log.warn("cluster_redis_down", instance_id=self.me, err=type(exc).__name__)
+        else:
+            if not registered:
+                await self.client.aclose()
+                raise BootRefusal(
+                    MSG_INSTANCE_LIVE,
+                    {
+                        "instance_id": self.me,
+                        "fix": "give every instance its own --instance-id, or omit it",
+                    },
+                )
+        await self.bus.start()
+        self._ticker = asyncio.create_task(self._tick_loop(), name="cluster-lease")
+
+    async def _register_instance(self) -> bool:
+        """Our instance key, NX. A key left by a previous process with our id (killed, not
+        drained) lapses within one lease; a live duplicate keeps renewing it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lease * 1.5
+        while not await self.store.register_instance(self.incarnation):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(self.lease / 10)
+        return True
+
+    async def stop(self) -> None:
+        """After the drain: tell edges we are gone, hand our ids back, close Redis."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.bus.up:
+            for edge in list(self.proxies):
+                self.bus.send(edge, (codec.BYE,))
+            with contextlib.suppress(*FAILURES):
+                await asyncio.wait_for(self._leave(), STOP_TIMEOUT)
+        await self.bus.close(STOP_TIMEOUT)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._ticker is not None:
+            await asyncio.gather(self._ticker, return_exceptions=True)
+        await self.client.aclose()
+
+    async def _leave(self) -> None:
+        await self.store.release(self.relay.registry.server_ids())
+        await self.store.leave(self.incarnation)
+
+    # -- claims ---------------------------------------------------------------------
+
+    async def _claim(self, binary: BinarySession, owner: str) -> None:
+        """`owner` (another instance) holds the lease: have it probe its binary."""
+        sid = binary.server_id
+        probe_timeout = self.relay.config.conflict_probe_timeout
+        try:
+            # The owner pings its binary for up to probe_timeout; silence from the owner
+            # itself (killed, partitioned) for twice that is a failed probe too.
+            verdict = await self.bus.request(owner, codec.PROBE, sid, within=2 * probe_timeout)
+            if verdict == codec.ALIVE:
+                binary.conflict()
+                return
+            if not await self.store.take(sid, owner):
+                binary.conflict()  # another claimant won the race
+                return
+        except (*FAILURES, BusDown):
+            binary.refuse(UNAVAILABLE, REASON_UNAVAILABLE)
+            return
+        finally:
+            binary.conn.resume_reading()
+        if binary.conn.closing:
+            if self.relay.registry.binary(sid) is None:
+                self._spawn(self._release([sid]))  # the claimant left: do not sit on the id
+            return
+        if verdict != codec.FREE:
+            binary.took_over()
+        binary.claim_local()
+
+    def _on_probe(self, claimant: str, req: int, sid: str) -> None:
+        """A claimant elsewhere found our lease on `sid`: is our holder alive?"""
+        registry = self.relay.registry
+        holder = registry.binary(sid)
+        if holder is None:
+            self._spawn(self._hand_over(claimant, req, sid, codec.FREE))
+            return
+        if registry.in_grace(sid):
+            self._surrender(sid, holder)
+            self._spawn(self._hand_over(claimant, req, sid, codec.FREE))
+            return
+        decided = False
+
+        def alive() -> None:
+            nonlocal decided
+            if not decided:
+                decided = True
+                timer.cancel()
+                self.bus.reply(claimant, req, codec.ALIVE)
+
+        def silent() -> None:
+            nonlocal decided
+            if decided:
+                return
+            decided = True
+            if registry.binary(sid) is not holder:
+                self.bus.reply(claimant, req, codec.ALIVE)  # a newer holder: let it keep the id
+                return
+            self._surrender(sid, holder)
+            holder.conn.close(1011, "heartbeat timeout")
+            self._spawn(self._hand_over(claimant, req, sid, codec.DEAD))
+
+        timer = self.relay.loop.call_later(self.relay.config.conflict_probe_timeout, silent)
+        if not holder.conn.ping(alive):
+            timer.cancel()
+            silent()
+
+    def _surrender(self, sid: str, holder: BinarySession) -> None:
+        phones = self.relay.registry.surrender(sid, holder)
+        if phones:
+            self.relay.evict_reclaimed(phones)
+
+    async def _hand_over(self, claimant: str, req: int, sid: str, verdict: str) -> None:
+        # The key moves to the claimant before it hears the verdict, so a local claim here
+        # racing it finds the new owner rather than our stale lease.
+        with contextlib.suppress(*FAILURES):
+            await self.store.take(sid, self.me, claimant)
+        self.bus.reply(claimant, req, verdict)
+
+    # -- phones whose binary is elsewhere -------------------------------------------
+
+    async def _admit(self, phone: PhoneSession) -> None:
+        sid = phone.server_id
+        outcome: Any = None
+        owner: str | None = None
+        try:
+            if not self.bus.up:
+                raise BusDown
+            owner = await self.store.owner(sid)
+            if owner is not None and owner != self.me:
+                outcome = await self.bus.request(
+                    owner,
+                    codec.ADMIT,
+                    sid,
+                    phone.conn_id,
+                    within=self.relay.config.conflict_probe_timeout,
+                )
+        except (*FAILURES, BusDown):
+            phone.unavailable(UNAVAILABLE, REASON_UNAVAILABLE)
+            return
+        finally:
+            phone.conn.resume_reading()
+        if owner is None or owner == self.me:
+            phone.register_local()  # 4404 unless a binary claimed here meanwhile
+            return
+        if outcome is None:
+            phone.unavailable(UNAVAILABLE, REASON_UNAVAILABLE)  # the owner did not answer
+            return
+        if outcome != Register.OK.value:
+            phone.refuse(Register(outcome))
+            return
+        if phone.conn.closing:
+            self.bus.send(owner, (codec.GONE, sid, phone.conn_id, 0))
+            return
+        self.edges.setdefault(owner, {})[phone.conn_id] = phone
+        route = self._routes.get(owner)
+        if route is None:
+            route = self._routes[owner] = _Route(self, owner)
+        phone.register_remote(route)
+
+    def _on_admit(self, edge: str, req: int, sid: str, conn_id: str) -> None:
+        relay = self.relay
+        proxy = RemotePhone(self, edge, sid, conn_id)
+        outcome = relay.registry.register_phone(
+            sid, conn_id, proxy, relay.config.max_phones_per_server
+        )
+        if outcome is Register.OK:
+            proxy.binary = relay.registry.binary(sid)
+            self.proxies.setdefault(edge, {})[conn_id] = proxy
+        self.bus.reply(edge, req, outcome.value)
+
+    def _proxy(self, edge: str, sid: str, conn_id: str) -> RemotePhone | None:
+        proxy = self.relay.registry.phone(sid, conn_id)
+        if isinstance(proxy, RemotePhone) and proxy.edge == edge:
+            return proxy
+        return None  # evicted meanwhile: the EVICT is on its way to the edge
+
+    def _on_frame(self, edge: str, sid: str, conn_id: str, envelope: bytes) -> None:
+        proxy = self._proxy(edge, sid, conn_id)
+        if proxy is None:
+            return
+        relay = self.relay
+        binary = relay.registry.binary(sid)
+        if binary is None or not binary.send(envelope, proxy):
+            relay.log.info(
+                "phone_forwarder_send_failed",
+                server_id=sid,
+                conn_id=conn_id,
+                err="relay: binary connection closed",
+            )
+            if not proxy.ended:
+                proxy.ended = True
+                self.bus.send(edge, (codec.END, conn_id))
+            return
+        relay.stats.frames_phone_to_binary += 1
+
+    def _on_gone(self, edge: str, sid: str, conn_id: str, notice_code: int) -> None:
+        proxy = self._proxy(edge, sid, conn_id)
+        if proxy is not None:
+            self._unregister_proxy(proxy, notice_code)
+
+    def _unregister_proxy(self, proxy: RemotePhone, notice_code: int) -> None:
+        relay = self.relay
+        self.forget_proxy(proxy)
+        binary = proxy.binary
+        if (
+            notice_code
+            and not relay.shutting_down
+            and binary is not None
+            and relay.registry.binary(proxy.server_id) is binary
+            and not binary.notify(close_notice(proxy.conn_id, notice_code))
+        ):
+            relay.log.info(
+                "phone_close_notice_send_failed",
+                server_id=proxy.server_id,
+                conn_id=proxy.conn_id,
+                close_code=notice_code,
+                err="relay: binary connection closed",
+            )
+        relay.registry.unregister_phone(proxy.server_id, proxy.conn_id, proxy)
+        relay.log.info("phone_unregistered", server_id=proxy.server_id, conn_id=proxy.conn_id)
+
+    def forget_proxy(self, proxy: RemotePhone) -> None:
+        proxies = self.proxies.get(proxy.edge)
+        if proxies is not None and proxies.get(proxy.conn_id) is proxy:
+            del proxies[proxy.conn_id]
+            if not proxies:
+                del self.proxies[proxy.edge]
+
+    # -- the bus --------------------------------------------------------------------
+
+    def _on_message(self, sender: str, incarnation: str, msg: list[Any]) -> None:
+        self._peers[sender] = incarnation
+        kind = msg[0]
+        if kind == codec.FRAME:
+            self._on_frame(sender, msg[1], msg[2], msg[3])
+            return
+        if kind in (codec.DELIVER, codec.DIRECTIVE, codec.EVICT, codec.END):
+            phone = self.edges.get(sender, {}).get(msg[1])
+            if phone is None:
+                return  # closed meanwhile; its GONE is on its way to the owner
+            if kind == codec.DELIVER:
+                phone.deliver(msg[2])
+            elif kind == codec.DIRECTIVE:
+                phone.close_directive(msg[2], msg[3])
+            elif kind == codec.EVICT:
+                phone.evict(msg[2], msg[3])
+            else:
+                self.relay.log.info(
+                    "phone_forwarder_no_binary", server_id=phone.server_id, conn_id=phone.conn_id
+                )
+                phone.end(1000)
+        elif kind == codec.GONE:
+            self._on_gone(sender, msg[1], msg[2], msg[3])
+        elif kind == codec.ADMIT:
+            self._on_admit(sender, msg[1], msg[2], msg[3])
+        elif kind == codec.PROBE:
+            self._on_probe(sender, msg[1], msg[2])
+        elif kind == codec.BYE:
+            self._orphan(sender, 1011, REASON_OWNER_GONE)
+            self._drop_edge(sender, 1001)
+
+    async def _on_up(self) -> None:
+        """(Re)connected: assert our instance key and leases before anything is routed."""
+        await self.store.keep_alive(self.incarnation)
+        await self._renew()
+        self.relay.log.info("cluster_redis_up", instance_id=self.me)
+
+    def _on_down(self, err: str) -> None:
+        """Redis is unreachable. Messages published meanwhile are lost for good, so every
+        cross-instance pair ends here, on both sides, with 1013 (try again later)."""
+        self.relay.log.warn("cluster_redis_down", instance_id=self.me, err=err)
+        for owner in list(self.edges):
+            self._orphan(owner, UNAVAILABLE, REASON_UNAVAILABLE)
+        for edge in list(self.proxies):
+            self._drop_edge(edge, UNAVAILABLE)
+
+    def _orphan(self, owner: str, code: int, reason: str) -> None:
+        """Close our phones whose binary is on `owner`."""
+        for phone in list(self.edges.pop(owner, {}).values()):
+            phone.evict(code, reason)
+
+    def _drop_edge(self, edge: str, notice_code: int) -> None:
+        """Forget the proxies for `edge`'s phones; their binaries hear a close notice."""
+        for proxy in list(self.proxies.get(edge, {}).values()):
+            self._unregister_proxy(proxy, notice_code)
+
+    # -- leases and liveness, every lease/3 ------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        period = self.lease / 3
+        while True:
+            await asyncio.sleep(period)
+            if not self.bus.up:
+                if self.relay.registry.server_ids():
+                    self.stats.lease_renew_failures += 1
+                continue
+            try:
+                await self.store.keep_alive(self.incarnation)
+                await self._renew()
+                await self._check_peers()
+            except FAILURES as exc:
+                self.stats.lease_renew_failures += 1
+                self.bus.fail(type(exc).__name__)
+
+    async def _renew(self) -> None:
+        registry = self.relay.registry
+        for sid in await self.store.renew(registry.server_ids()):
+            holder = registry.binary(sid)
+            if holder is None:
+                continue
+            # Another instance holds the id now (we were cut off past our lease): it wins.
+            self._surrender(sid, holder)
+            holder.conn.close(1011, "heartbeat timeout")
+
+    async def _check_peers(self) -> None:
+        peers = list(set(self.edges) | set(self.proxies))
+        if not peers:
+            return
+        current = await self.store.incarnations(peers)
+        for peer, incarnation in current.items():
+            if incarnation is not None and incarnation == self._peers.get(peer, incarnation):
+                continue
+            self.relay.log.warn("cluster_peer_gone", instance_id=peer)
+            self._peers.pop(peer, None)
+            self._orphan(peer, 1011, REASON_OWNER_GONE)
+            self._drop_edge(peer, 1001)
+
+    async def _release(self, server_ids: list[str]) -> None:
+        with contextlib.suppress(*FAILURES):
+            await self.store.release(
+                [sid for sid in server_ids if self.relay.registry.binary(sid) is None]
+            )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,143 @@
+"""Ownership and liveness keys in Redis (cluster mode).
+
+Owns: the key names, and every command that reads or changes them — acquiring a server-id
+(`SET NX PX` semantics), the compare-and-set takeover, batched lease renewal, release,
+this instance's liveness key and the peers' liveness check. Each change is one Lua script,
+so a check and its write are atomic on the Redis side.
+Must never: decide relay behaviour (the placement does) or swallow a Redis error: callers
+treat any error as "Redis unreachable".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+from redis.asyncio import Redis
+
+OWNER_PREFIX: Final = "pyrycode-relay:owner:"
+INSTANCE_PREFIX: Final = "pyrycode-relay:instance:"
+RENEW_CHUNK: Final = 500  # keys per renewal script call: bounded Redis work per call
+
+# KEYS[1] owner key; ARGV me, lease ms. Free → ours. Returns the owner after the call.
+_ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ARGV[1]
+end
+if cur == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return cur
+"""
+# KEYS[1] owner key; ARGV expected, me, lease ms. Ours if it still names `expected` (or
+# nobody, or us already). 1 = ours, 0 = someone else won.
+_CAS = """
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or cur == ARGV[1] or cur == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+# KEYS owner keys; ARGV me, lease ms. Extends ours, re-asserts lapsed ones (after a Redis
+# restart), returns the 1-based indexes of keys another instance now holds.
+_RENEW = """
+local lost = {}
+for i, key in ipairs(KEYS) do
+  local cur = redis.call('GET', key)
+  if not cur then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+  elseif cur == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+  else
+    lost[#lost + 1] = i
+  end
+end
+return lost
+"""
+# KEYS owner keys; ARGV me. Deletes the ones we still hold.
+_RELEASE = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+return 0
+"""
+
+
+class OwnershipStore:
+    def __init__(self, client: Redis, instance_id: str, lease: float) -> None:
+        self._client = client
+        self.me = instance_id
+        self._lease_ms = max(1, int(lease * 1000))
+        self._acquire = client.register_script(_ACQUIRE)
+        self._cas = client.register_script(_CAS)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    # -- server-ids -----------------------------------------------------------------
+
+    async def acquire(self, server_id: str) -> str:
+        """Take the id if nobody owns it; returns its owner (us, or who holds it)."""
+        owner = await self._acquire(keys=[OWNER_PREFIX + server_id], args=[self.me, self._lease_ms])
+        return _text(owner)
+
+    async def take(self, server_id: str, expected: str, new_owner: str | None = None) -> bool:
+        """Compare-and-set: the id moves from `expected` to `new_owner` (default us)."""
+        won = await self._cas(
+            keys=[OWNER_PREFIX + server_id],
+            args=[expected, new_owner or self.me, self._lease_ms],
+        )
+        return bool(won)
+
+    async def owner(self, server_id: str) -> str | None:
+        value = await self._client.get(OWNER_PREFIX + server_id)
+        return None if value is None else _text(value)
+
+    async def renew(self, server_ids: list[str]) -> list[str]:
+        """Extend every lease we hold; returns the ids another instance holds now."""
+        lost: list[str] = []
+        for start in range(0, len(server_ids), RENEW_CHUNK):
+            chunk = server_ids[start : start + RENEW_CHUNK]
+            indexes = await self._renew(
+                keys=[OWNER_PREFIX + sid for sid in chunk], args=[self.me, self._lease_ms]
+            )
+            lost.extend(chunk[int(i) - 1] for i in indexes)
+        return lost
+
+    async def release(self, server_ids: Iterable[str]) -> None:
+        ids = list(server_ids)
+        for start in range(0, len(ids), RENEW_CHUNK):
+            chunk = ids[start : start + RENEW_CHUNK]
+            await self._release(keys=[OWNER_PREFIX + sid for sid in chunk], args=[self.me])
+
+    # -- instances ------------------------------------------------------------------
+
+    async def register_instance(self, incarnation: str) -> bool:
+        """Boot: claim our instance id; False while another live process uses it."""
+        ok = await self._client.set(
+            INSTANCE_PREFIX + self.me, incarnation, nx=True, px=self._lease_ms
+        )
+        return bool(ok)
+
+    async def keep_alive(self, incarnation: str) -> None:
+        await self._client.set(INSTANCE_PREFIX + self.me, incarnation, px=self._lease_ms)
+
+    async def leave(self, incarnation: str) -> None:
+        key = INSTANCE_PREFIX + self.me
+        if _text_or_none(await self._client.get(key)) == incarnation:
+            await self._client.delete(key)
+
+    async def incarnations(self, instance_ids: list[str]) -> dict[str, str | None]:
+        """Each peer's current incarnation token (None: its liveness key lapsed)."""
+        if not instance_ids:
+            return {}
+        values = await self._client.mget([INSTANCE_PREFIX + i for i in instance_ids])
+        return {i: _text_or_none(v) for i, v in zip(instance_ids, values, strict=True)}
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _text_or_none(value: object) -> str | None:
+    return None if value is None else _text(value)
