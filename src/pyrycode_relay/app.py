@@ -153,10 +153,11 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     if not relay.push.enabled:
         log.info("push off: PYRYCODE_RELAY_FCM_CREDENTIALS unset")
-    if cluster is not None:
-        log.info("cluster mode", instance_id=cluster.me)
+    extra = {} if cluster is None else {"cluster": cluster.me}
     if tls is None:
-        log.info("starting", version=version, mode="insecure", listen=config.insecure_listen)
+        log.info(
+            "starting", version=version, mode="insecure", listen=config.insecure_listen, **extra
+        )
     else:
         tls.start()  # before `starting`: a SIGHUP sent on seeing that line must be handled
         log.info(
@@ -166,6 +167,7 @@ async def serve(
             listen=config.https_listen,
             domain=config.domain,
             https_proxy_protocol=config.https_proxy_protocol,
+            **extra,
         )
 
     sweeper: asyncio.TimerHandle

@@ -125,6 +125,21 @@ class RegistryMachine(RuleBasedStateMachine):
         assert phones == list(slot.phones.values())
         del self.model[sid]
 
+    @rule(data=st.data(), anyone=st.booleans())
+    def surrender(self, data: st.DataObject, anyone: bool) -> None:
+        """Cluster mode hands the id to another instance (a remote probe found the holder
+        dead or in grace, or a lease renewal found the id owned elsewhere)."""
+        if not self.binaries:
+            return
+        sid, b = data.draw(st.sampled_from(self.binaries))
+        phones = self.real.surrender(sid, None if anyone else b)
+        slot = self.model.get(sid)
+        if slot is None or (not anyone and slot.binary is not b):
+            assert phones is None
+            return
+        assert phones == list(slot.phones.values())
+        del self.model[sid]
+
     # -- phones ---------------------------------------------------------------------
 
     @rule(sid=st.sampled_from(SERVER_IDS), cap=st.integers(min_value=0, max_value=3))
@@ -157,6 +172,13 @@ class RegistryMachine(RuleBasedStateMachine):
             del slot.phones[conn_id]
 
     # -- invariants -------------------------------------------------------------------
+
+    @invariant()
+    def grace_and_ids_match(self) -> None:
+        assert sorted(self.real.server_ids()) == sorted(self.model)
+        for sid in SERVER_IDS:
+            slot = self.model.get(sid)
+            assert self.real.in_grace(sid) == (slot is not None and slot.grace is not None)
 
     @invariant()
     def counts_match(self) -> None:

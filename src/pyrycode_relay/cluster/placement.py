@@ -39,6 +39,7 @@ UNAVAILABLE: Final = 1013  # RFC 6455 "try again later"
 REASON_UNAVAILABLE: Final = "cluster unavailable"
 REASON_OWNER_GONE: Final = "server owner gone"
 STOP_TIMEOUT: Final = 2.0
+_NO_PHONES: Final[dict[str, PhoneSession]] = {}
 
 
 class ClusterStats:
@@ -76,8 +77,10 @@ class RemotePhone:
         self.placement.forget_proxy(self)
         self.placement.bus.send(self.edge, (codec.EVICT, self.conn_id, code, reason))
 
-    def pause(self) -> None:
-        """Cross-instance frames are not paused: the binary's write timeout bounds them."""
+    def pause(self) -> bool:
+        """Cross-instance frames are not paused (the phone's socket is elsewhere): the
+        binary's --write-timeout and the bus queue limit bound them instead."""
+        return False
 
     def resume(self) -> None:
         pass
@@ -404,14 +407,14 @@ class ClusterPlacement:
         relay = self.relay
         binary = relay.registry.binary(sid)
         if binary is None or not binary.send(envelope, proxy):
-            relay.log.info(
-                "phone_forwarder_send_failed",
-                server_id=sid,
-                conn_id=conn_id,
-                err="relay: binary connection closed",
-            )
-            if not proxy.ended:
+            if not proxy.ended:  # frames already on their way fail the same way: say it once
                 proxy.ended = True
+                relay.log.info(
+                    "phone_forwarder_send_failed",
+                    server_id=sid,
+                    conn_id=conn_id,
+                    err="relay: binary connection closed",
+                )
                 self.bus.send(edge, (codec.END, conn_id))
             return
         relay.stats.frames_phone_to_binary += 1
@@ -458,7 +461,7 @@ class ClusterPlacement:
             self._on_frame(sender, msg[1], msg[2], msg[3])
             return
         if kind in (codec.DELIVER, codec.DIRECTIVE, codec.EVICT, codec.END):
-            phone = self.edges.get(sender, {}).get(msg[1])
+            phone = self.edges.get(sender, _NO_PHONES).get(msg[1])
             if phone is None:
                 return  # closed meanwhile; its GONE is on its way to the owner
             if kind == codec.DELIVER:

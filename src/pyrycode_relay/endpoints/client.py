@@ -251,8 +251,9 @@ class PhoneSession:
         self.outbox.clear()
         self.conn.close(1011, "heartbeat timeout")
 
-    def pause(self) -> None:
+    def pause(self) -> bool:
         self.conn.pause_reading()
+        return True
 
     def resume(self) -> None:
         self.conn.resume_reading()

@@ -176,9 +176,8 @@ class BinarySession:
         conn = self.conn
         if not conn.send_text(data):
             return False
-        if conn.write_paused:
+        if conn.write_paused and phone.pause():
             self._blocked.append(phone)
-            phone.pause()
         return True
 
     def notify(self, data: bytes) -> bool:

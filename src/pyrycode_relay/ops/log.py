@@ -17,7 +17,7 @@ from typing import TextIO
 
 # Reference §13 keys, the keys only its main.go uses, and the ones our additions need
 # (`scope` for per-IP caps, `signal` for shutdown lines, `serial`/`not_after` for the
-# certificate being served).
+# certificate being served, `cluster`/`instance_id` for cluster mode's instance names).
 ALLOWED_KEYS: frozenset[str] = frozenset(
     {
         "server_id",
@@ -54,6 +54,7 @@ ALLOWED_KEYS: frozenset[str] = frozenset(
         "serial",
         "not_after",
         "instance_id",
+        "cluster",
     }
 )
 
