@@ -225,7 +225,7 @@ class ClusterPlacement:
                 raise BootRefusal(
                     MSG_INSTANCE_LIVE,
                     {
-                        "instance_id": self.me,
+                        "value": self.me,
                         "fix": "give every instance its own --instance-id, or omit it",
                     },
                 )
