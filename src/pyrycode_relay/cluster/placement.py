@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -39,6 +39,7 @@ UNAVAILABLE: Final = 1013  # RFC 6455 "try again later"
 REASON_UNAVAILABLE: Final = "cluster unavailable"
 REASON_OWNER_GONE: Final = "server owner gone"
 STOP_TIMEOUT: Final = 2.0
+REDIS_CONNECTIONS: Final = 32
 _NO_PHONES: Final[dict[str, PhoneSession]] = {}
 
 
@@ -118,12 +119,17 @@ class ClusterPlacement:
         self.incarnation = secrets.token_hex(8)
         self.lease = config.cluster_lease
         timeout = max(0.25, min(5.0, self.lease / 2))
-        self.client: Redis = Redis.from_url(
+        # A bounded pool that makes a burst of admissions queue for a connection (instead
+        # of failing once a default limit is hit); one connection stays with the subscriber.
+        pool = BlockingConnectionPool.from_url(
             config.cluster_redis,
+            max_connections=REDIS_CONNECTIONS,
+            timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),  # a failure is reported at once, not retried blind
         )
+        self.client: Redis = Redis.from_pool(pool)
         self.store = OwnershipStore(self.client, self.me, self.lease)
         self.bus = Bus(
             self.client,
@@ -365,6 +371,10 @@ class ClusterPlacement:
             return
         finally:
             phone.conn.resume_reading()
+        if phone.conn.closing:  # the phone left while we asked
+            if owner is not None and outcome == Register.OK.value:
+                self.bus.send(owner, (codec.GONE, sid, phone.conn_id, 0))
+            return
         if owner is None or owner == self.me:
             phone.register_local()  # 4404 unless a binary claimed here meanwhile
             return
@@ -373,9 +383,6 @@ class ClusterPlacement:
             return
         if outcome != Register.OK.value:
             phone.refuse(Register(outcome))
-            return
-        if phone.conn.closing:
-            self.bus.send(owner, (codec.GONE, sid, phone.conn_id, 0))
             return
         self.edges.setdefault(owner, {})[phone.conn_id] = phone
         route = self._routes.get(owner)
