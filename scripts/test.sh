@@ -15,6 +15,10 @@ fi
 if ! command -v pebble >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq pebble >/dev/null
 fi
+# The cluster end-to-end tests run Debian's redis-server (tests/e2e/clusterharness.py).
+if ! command -v redis-server >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+fi
 # systemd-analyze verifies and rates deploy/pyrycode-relay.service (tests/ops/test_deploy_files.py).
 if ! command -v systemd-analyze >/dev/null && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd >/dev/null

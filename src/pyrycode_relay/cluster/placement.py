@@ -50,6 +50,40 @@ class ClusterStats:
         self.lease_renew_failures = 0
 
 
+class _ClaimsInFlight:
+    """Server-ids with a claim in flight on this instance. An admission for one waits for
+    the claim's outcome: the lease may already name us while the registry does not hold
+    the binary yet, and a phone must not get 4404 out of that gap."""
+
+    def __init__(self) -> None:
+        self._count: dict[str, int] = {}
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+
+    def __contains__(self, server_id: object) -> bool:
+        return server_id in self._count
+
+    def begin(self, server_id: str) -> None:
+        self._count[server_id] = self._count.get(server_id, 0) + 1
+
+    def end(self, server_id: str) -> None:
+        left = self._count[server_id] - 1
+        if left:
+            self._count[server_id] = left
+            return
+        del self._count[server_id]
+        for waiter in self._waiters.pop(server_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def settled(self, server_id: str, within: float) -> None:
+        if server_id not in self._count:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(server_id, []).append(waiter)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter, within)
+
+
 class RemotePhone:
     """In the owner's registry: a phone whose WebSocket is on instance `edge`. What the
     binary's session does to it becomes a bus message to that instance."""
@@ -150,6 +184,7 @@ class ClusterPlacement:
         self._tasks: set[asyncio.Task[Any]] = set()
         # binaries between their id lookup and their claim: the owner found (None: failed)
         self._acquired: dict[BinarySession, str | None] = {}
+        self._claims = _ClaimsInFlight()
         self._ticker: asyncio.Task[None] | None = None
 
     # -- Placement ------------------------------------------------------------------
@@ -159,6 +194,7 @@ class ClusterPlacement:
             accept()  # held here already, or Redis is down (the claim then says 1013)
             return
         binary.conn.pause_reading()  # nothing is read until the 101
+        self._claims.begin(binary.server_id)
         self._spawn(self._acquire(binary, accept))
 
     async def _acquire(self, binary: BinarySession, accept: Callable[[], None]) -> None:
@@ -168,13 +204,16 @@ class ClusterPlacement:
             owner = await self.store.acquire(sid)
         except FAILURES:
             owner = None
-        if binary.conn.closing:  # the client left before its 101
-            if owner == self.me:
-                await self._release([sid])
-            return
-        binary.conn.resume_reading()
-        self._acquired[binary] = owner
-        accept()
+        try:
+            if binary.conn.closing:  # the client left before its 101
+                if owner == self.me:
+                    await self._release([sid])
+                return
+            binary.conn.resume_reading()
+            self._acquired[binary] = owner
+            accept()  # the 101, then `claim` at once
+        finally:
+            self._claims.end(sid)
 
     def claim(self, binary: BinarySession) -> None:
         owner = self._acquired.pop(binary, None)
@@ -185,6 +224,7 @@ class ClusterPlacement:
             binary.refuse(UNAVAILABLE, REASON_UNAVAILABLE)
             return
         binary.conn.pause_reading()  # until decided, nothing is read
+        self._claims.begin(binary.server_id)
         self._spawn(self._claim(binary, owner))
 
     def admit(self, phone: PhoneSession) -> None:
@@ -273,6 +313,12 @@ class ClusterPlacement:
     # -- claims ---------------------------------------------------------------------
 
     async def _claim(self, binary: BinarySession, owner: str) -> None:
+        try:
+            await self._claim_from(binary, owner)
+        finally:
+            self._claims.end(binary.server_id)
+
+    async def _claim_from(self, binary: BinarySession, owner: str) -> None:
         """`owner` (another instance) holds the lease: have it probe its binary."""
         sid = binary.server_id
         probe_timeout = self.relay.config.conflict_probe_timeout
@@ -352,20 +398,8 @@ class ClusterPlacement:
 
     async def _admit(self, phone: PhoneSession) -> None:
         sid = phone.server_id
-        outcome: Any = None
-        owner: str | None = None
         try:
-            if not self.bus.up:
-                raise BusDown
-            owner = await self.store.owner(sid)
-            if owner is not None and owner != self.me:
-                outcome = await self.bus.request(
-                    owner,
-                    codec.ADMIT,
-                    sid,
-                    phone.conn_id,
-                    within=self.relay.config.conflict_probe_timeout,
-                )
+            owner, outcome = await self._ask_owner(phone)
         except (*FAILURES, BusDown):
             phone.unavailable(UNAVAILABLE, REASON_UNAVAILABLE)
             return
@@ -390,7 +424,42 @@ class ClusterPlacement:
             route = self._routes[owner] = _Route(self, owner)
         phone.register_remote(route)
 
+    async def _ask_owner(self, phone: PhoneSession) -> tuple[str | None, Any]:
+        """(the id's owner, its admission answer); (us or None, None) to decide here."""
+        sid = phone.server_id
+        if not self.bus.up:
+            raise BusDown
+        if sid in self._claims:  # a binary is claiming it here right now
+            await self._claims.settled(sid, self._decision_time())
+            if self.relay.registry.binary(sid) is not None:
+                return self.me, None
+        owner = await self.store.owner(sid)
+        if owner is None or owner == self.me:
+            return owner, None
+        outcome = await self.bus.request(
+            owner,
+            codec.ADMIT,
+            sid,
+            phone.conn_id,
+            within=self.relay.config.conflict_probe_timeout,
+        )
+        return owner, outcome
+
     def _on_admit(self, edge: str, req: int, sid: str, conn_id: str) -> None:
+        if sid in self._claims and self.relay.registry.binary(sid) is None:
+            self._spawn(self._admit_after_claim(edge, req, sid, conn_id))
+            return
+        self._register_proxy(edge, req, sid, conn_id)
+
+    async def _admit_after_claim(self, edge: str, req: int, sid: str, conn_id: str) -> None:
+        await self._claims.settled(sid, self._decision_time())
+        self._register_proxy(edge, req, sid, conn_id)
+
+    def _decision_time(self) -> float:
+        """How long a claim here can take at most: a remote probe and the takeover."""
+        return 2 * self.relay.config.conflict_probe_timeout + self.lease / 2
+
+    def _register_proxy(self, edge: str, req: int, sid: str, conn_id: str) -> None:
         relay = self.relay
         proxy = RemotePhone(self, edge, sid, conn_id)
         outcome = relay.registry.register_phone(
