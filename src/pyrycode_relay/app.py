@@ -153,22 +153,21 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     if not relay.push.enabled:
         log.info("push off: PYRYCODE_RELAY_FCM_CREDENTIALS unset")
-    extra = {} if cluster is None else {"cluster": cluster.me}
+    starting: dict[str, object]
     if tls is None:
-        log.info(
-            "starting", version=version, mode="insecure", listen=config.insecure_listen, **extra
-        )
+        starting = {"version": version, "mode": "insecure", "listen": config.insecure_listen}
     else:
         tls.start()  # before `starting`: a SIGHUP sent on seeing that line must be handled
-        log.info(
-            "starting",
-            version=version,
-            mode=tls.mode,
-            listen=config.https_listen,
-            domain=config.domain,
-            https_proxy_protocol=config.https_proxy_protocol,
-            **extra,
-        )
+        starting = {
+            "version": version,
+            "mode": tls.mode,
+            "listen": config.https_listen,
+            "domain": config.domain,
+            "https_proxy_protocol": config.https_proxy_protocol,
+        }
+    if cluster is not None:
+        starting["cluster"] = cluster.me
+    log.record("info", "starting", starting)  # keys still checked against the allowlist
 
     sweeper: asyncio.TimerHandle
 

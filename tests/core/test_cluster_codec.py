@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -29,6 +30,12 @@ def test_batch_round_trips_frames_exactly(frames: list[bytes]) -> None:
 @pytest.mark.parametrize("payload", [b"", b"hello", b"\x93\xa2i1", b"\x92\xa2i1\xa1t"])
 def test_foreign_payload_is_refused(payload: bytes) -> None:
     with pytest.raises(codec.CodecError):
+        codec.decode_batch(payload)
+
+
+def test_other_bus_version_is_refused_not_misread() -> None:
+    payload = msgspec.msgpack.encode((codec.VERSION + 1, "i1", "tok", [[codec.BYE]]))
+    with pytest.raises(codec.CodecError, match="version 2"):
         codec.decode_batch(payload)
 
 

@@ -28,6 +28,9 @@ from tests.e2e.clusterharness import (
     run_relay_bounded,
     start_cluster,
 )
+from tests.e2e.clusterharness import (
+    Redis as RedisServer,
+)
 from tests.e2e.harness import (
     RawWs,
     Relay,
@@ -540,6 +543,44 @@ async def test_owner_sigterm_remote_phones_closed_promptly_and_id_free_at_once()
 
 
 # -- Redis outage ------------------------------------------------------------------------
+
+
+async def kill_subscriber(redis: RedisServer, instance_id: str) -> None:
+    """Cut one instance's pub/sub connection (Redis stays up for everyone else)."""
+    reply = await redis.command("CLIENT", "LIST", "TYPE", "pubsub")
+    assert isinstance(reply, bytes), reply
+    listing = reply.decode()
+    ids = [
+        fields["id"]
+        for fields in (
+            dict(f.split("=", 1) for f in line.split(" ") if "=" in f)
+            for line in listing.splitlines()
+        )
+        if fields.get("name") == f"pyrycode-relay:{instance_id}"
+    ]
+    assert len(ids) == 1, listing
+    assert await redis.command("CLIENT", "KILL", "ID", ids[0]) == 1
+
+
+@pytest.mark.parametrize("cut", ["edge", "owner"])
+async def test_one_instance_losing_its_bus_ends_its_cross_pairs_on_both_sides(cut: str) -> None:
+    """Messages published while an instance is off the bus are lost for good, even if it is
+    back within a lease. Whichever side was cut, neither half of a pair across it may stay
+    open: the phone is closed 1013, its binary gets the 1013 close notice, and the id (and
+    the per-server cap) is usable again at once."""
+    async with redis_server() as redis, start_cluster(redis, 2, "--max-phones-per-server=1") as c:
+        r1, r2 = c.relays
+        b = await claim(c, r1)
+        p, cid = await join(r2, b)
+        await kill_subscriber(redis, "i2" if cut == "edge" else "i1")
+        bound = LEASE / 3 + LEASE + SLACK  # one liveness check after the reconnection
+        assert await closed_with(p, bound) == UNAVAILABLE
+        assert await recv_text(b, bound) == notice(cid, 1013)
+        await r2.wait_counts(0, 0)
+        await wait_redis_state(r1, "i1", "up", 5)
+        await wait_redis_state(r2, "i2", "up", 5)
+        p2, cid2 = await join(r2, b, hello='{"again":1}')  # not 4429: the old one is gone
+        await round_trip(b, p2, cid2, "after-cut")
 
 
 async def test_redis_outage_local_pairs_survive_and_cluster_recovers() -> None:

@@ -214,9 +214,10 @@ def test_cluster_mode_boots_with_a_redis_url_and_bypasses_the_fly_check() -> Non
     boot(cfg(*DOMAIN, "--cluster-redis=unix:///run/redis.sock", "--instance-id=eu-1.a_b"), {})
 
 
-def test_instance_id_without_cluster_redis_is_refused() -> None:
-    r = refusal(cfg(*DOMAIN, "--instance-id=a"), {})
-    assert r.msg == "refusing to start: --instance-id needs --cluster-redis"
+@pytest.mark.parametrize("flag", ["instance-id=a", "cluster-lease=5s"])
+def test_cluster_flags_without_cluster_redis_are_refused(flag: str) -> None:
+    r = refusal(cfg(*DOMAIN, f"--{flag}"), {})
+    assert r.msg == f"refusing to start: --{flag.split('=', maxsplit=1)[0]} needs --cluster-redis"
     assert r.exit_code == 2
 
 

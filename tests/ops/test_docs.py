@@ -3,8 +3,12 @@
 - every flag the CLI accepts (core.config) is in docs/operations.md's flag table, with the
   default `--help` prints, and the table lists nothing else;
 - every series a started relay exposes on /metrics, plus the push series that exists only when
-  push is configured (reference §8.2/§12), is in docs/metrics.md with all its label values, and
-  the Grafana dashboard charts every one of them;
+  push is configured (reference §8.2/§12) and the cluster series that exist only in cluster mode
+  (README §5; checked against a relay started on a real redis-server), is in docs/metrics.md with
+  all its label values, and the Grafana dashboard charts every one of them;
+- the least-privilege Redis ACL user docs/cluster.md recommends is enough for a cluster: two
+  relays logged in as that user claim, admit, route both ways, renew and hand back, and Redis
+  refuses none of their commands;
 - every test docs/threat-model.md cites exists, and every threat in its table cites one;
 - the README links the documents and keeps exactly two set-up commands.
 """
@@ -12,23 +16,35 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import re
+import secrets
+import shlex
 from pathlib import Path
 
 from pyrycode_relay import __version__
 from pyrycode_relay.core.config import env_var_for, flag_names, usage
-from tests.e2e.harness import http_request, start_relay
+from tests.e2e.clusterharness import redis_server
+from tests.e2e.harness import binary, http_request, phone, recv, start_relay
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 
 # Series that exist only when push is configured (PYRYCODE_RELAY_FCM_CREDENTIALS), so a relay
 # started here does not expose them; names and labels from reference §8.2 and §12.
-PUSH_SERIES = {
+PUSH_SERIES: dict[str, dict[str, tuple[str, ...]]] = {
     "pyrycode_relay_push_wakes_total": {
         "outcome": ("sent", "unregistered", "send_failed", "token_fetch_failed", "dropped")
     },
+}
+# Series that exist only in cluster mode (--cluster-redis), so a single-instance relay does not
+# expose them; test_cluster_series_are_exactly_the_documented_ones scrapes a clustered relay.
+CLUSTER_SERIES: dict[str, dict[str, tuple[str, ...]]] = {
+    "pyrycode_relay_cluster_bus_messages_total": {"direction": ("publish", "receive")},
+    "pyrycode_relay_cluster_remote_phones": {},
+    "pyrycode_relay_cluster_redis_up": {},
+    "pyrycode_relay_cluster_lease_renew_failures_total": {},
 }
 _SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? \S+")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -68,9 +84,9 @@ def test_every_cli_flag_is_documented() -> None:
     assert "PYRYCODE_RELAY_MAX_CONNECTIONS" in ops
 
 
-async def scrape_series() -> dict[str, dict[str, set[str]]]:
-    """{series name: {label: values}} from a started relay's /metrics."""
-    async with start_relay() as relay:
+async def scrape_series(*flags: str) -> dict[str, dict[str, set[str]]]:
+    """{series name: {label: values}} from the /metrics of a relay started with `flags`."""
+    async with start_relay(*flags) as relay:
         status, _, body = await http_request(relay.metrics_port, "GET", "/metrics")
     assert status == 200
     series: dict[str, dict[str, set[str]]] = {}
@@ -85,6 +101,10 @@ async def scrape_series() -> dict[str, dict[str, set[str]]]:
     return series
 
 
+def as_sets(labels: dict[str, tuple[str, ...]]) -> dict[str, set[str]]:
+    return {label: set(values) for label, values in labels.items()}
+
+
 def metrics_doc_rows() -> dict[str, str]:
     """docs/metrics.md's series table: {series name: the whole row}."""
     text = (DOCS / "metrics.md").read_text()
@@ -95,8 +115,9 @@ def metrics_doc_rows() -> dict[str, str]:
 async def test_every_exposed_metric_is_documented() -> None:
     exposed = await scrape_series()
     assert "pyrycode_relay_connected_phones" in exposed  # the scrape really parsed
-    push = {name: {k: set(v) for k, v in labels.items()} for name, labels in PUSH_SERIES.items()}
-    expected = {**exposed, **push}
+    assert not set(exposed) & set(CLUSTER_SERIES), "a cluster series outside cluster mode"
+    extra = {**PUSH_SERIES, **CLUSTER_SERIES}
+    expected = {**exposed, **{n: as_sets(labels) for n, labels in extra.items()}}
     rows = metrics_doc_rows()
     assert set(rows) == set(expected), (
         f"undocumented: {sorted(set(expected) - set(rows))}; "
@@ -107,8 +128,21 @@ async def test_every_exposed_metric_is_documented() -> None:
             assert f"`{label}`" in rows[name], f"{name}: label {label} not documented"
             for value in values:
                 assert f"`{value}`" in rows[name], f"{name}: {label}={value} not documented"
+    for name in CLUSTER_SERIES:
+        assert "only in cluster mode" in rows[name], f"{name}: not marked cluster-only"
     alerts = (DOCS / "metrics.md").read_text().split("\n## What to alert on\n", 1)[1]
     assert "pyrycode_relay_push_wakes_total" in alerts
+    assert "pyrycode_relay_cluster_redis_up" in alerts
+
+
+async def test_cluster_series_are_exactly_the_documented_ones() -> None:
+    single = await scrape_series()
+    async with redis_server() as redis:
+        clustered = await scrape_series(f"--cluster-redis={redis.url}", "--cluster-lease=1s")
+    assert clustered["pyrycode_relay_cluster_redis_up"] == {}  # the scrape really parsed
+    assert set(single) <= set(clustered), "cluster mode hides a series"
+    only_cluster = {name: labels for name, labels in clustered.items() if name not in single}
+    assert only_cluster == {name: as_sets(labels) for name, labels in CLUSTER_SERIES.items()}
 
 
 def test_grafana_dashboard_charts_every_series() -> None:
@@ -118,6 +152,63 @@ def test_grafana_dashboard_charts_every_series() -> None:
     assert charted == set(metrics_doc_rows())
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == "${datasource}"  # importable anywhere
+
+
+def documented_acl(password: str) -> list[str]:
+    """docs/cluster.md's `ACL SETUSER …` line as Redis command arguments, with `password`."""
+    text = (DOCS / "cluster.md").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("ACL SETUSER ")]
+    assert len(lines) == 1, lines
+    args = shlex.split(lines[0])
+    assert ">PASSWORD" in args, args
+    return [f">{password}" if arg == ">PASSWORD" else arg for arg in args]
+
+
+def acl_denials(log: object) -> list[str]:
+    """The objects (commands, keys, channels) in an `ACL LOG` reply (RESP2: flat pairs)."""
+    assert isinstance(log, list), log
+    denied = []
+    for entry in log:
+        assert isinstance(entry, list), entry
+        fields = dict(zip(entry[::2], entry[1::2], strict=True))
+        obj = fields.get(b"object", b"?")
+        assert isinstance(obj, bytes), fields
+        denied.append(obj.decode())
+    # redis-py announces itself with CLIENT SETINFO (Redis >= 7.2) and ignores a refusal.
+    return [obj for obj in denied if obj != "client|setinfo"]
+
+
+async def test_documented_acl_user_is_enough_for_a_cluster() -> None:
+    password = f"acl-{secrets.token_hex(8)}"
+    sid = "acl-check"
+    async with redis_server() as redis:
+        assert await redis.command(*documented_acl(password)) == "OK"
+        # the URL from the environment, as docs/cluster.md recommends for a password
+        env = {"PYRYCODE_RELAY_CLUSTER_REDIS": f"redis://relay:{password}@127.0.0.1:{redis.port}"}
+        async with (
+            start_relay("--instance-id=a1", "--cluster-lease=1s", env=env) as r1,
+            start_relay("--instance-id=a2", "--cluster-lease=1s", env=env) as r2,
+        ):
+            b = await binary(r1, sid)
+            assert await redis.owner(sid) == "a1"  # claimed before the binary's 101
+            p = await phone(r2, sid)
+            await p.send('{"up":1}')
+            envelope = json.loads(await recv(b))
+            assert envelope["frame"] == {"up": 1}
+            await b.send(json.dumps({"conn_id": envelope["conn_id"], "frame": {"down": 1}}))
+            assert json.loads(await recv(p)) == {"down": 1}
+            await asyncio.sleep(0.5)  # past one renewal and peer check (lease/3)
+            for r in (r1, r2):
+                m = await r.metrics()
+                assert m["pyrycode_relay_cluster_redis_up"] == 1
+                assert m["pyrycode_relay_cluster_lease_renew_failures_total"] == 0
+            assert await r1.stop() == 0  # an orderly exit deletes its keys
+            assert await redis.owner(sid) is None
+            assert not await redis.instance_live("a1")
+            for r in (r1, r2):
+                assert password not in r.log
+                assert "cluster_redis_down" not in r.log
+        assert acl_denials(await redis.command("ACL", "LOG")) == []
 
 
 def cited_tests(text: str) -> list[tuple[str, str]]:
@@ -158,6 +249,7 @@ def test_readme_links_the_docs_and_keeps_two_setup_commands() -> None:
     readme = (ROOT / "README.md").read_text()
     for target in (
         "docs/operations.md",
+        "docs/cluster.md",
         "docs/metrics.md",
         "docs/threat-model.md",
         "CHANGELOG.md",

@@ -27,6 +27,7 @@ BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 2.0
 PUBLISH_BYTES: Final = 512 * 1024  # split a peer's batch into publishes of about this size
 MESSAGE_OVERHEAD: Final = 64  # queue accounting per message, besides its frame bytes
+FOREIGN_LOG_EVERY: Final = 60.0
 
 FAILURES: Final = (RedisError, OSError, TimeoutError, EOFError)
 
@@ -51,16 +52,21 @@ class Bus:
         incarnation: str,
         *,
         queue_limit: int,
-        on_message: Callable[[str, str, list[Any]], None],
+        on_peer: Callable[[str, str], None],
+        on_message: Callable[[str, list[Any]], None],
+        on_foreign: Callable[[str], None],
         on_up: Callable[[], Awaitable[None]],
         on_down: Callable[[str], None],
     ) -> None:
         self._client = client
         self.me = instance_id
-        self._incarnation = incarnation
+        self.incarnation = incarnation  # sent with every batch; the placement renews it
         self._channel = channel(instance_id)
         self._queue_limit = queue_limit
+        self._on_peer = on_peer
         self._on_message = on_message
+        self._on_foreign = on_foreign
+        self._foreign_logged = -FOREIGN_LOG_EVERY
         self._on_up = on_up
         self._on_down = on_down
         self.stats = BusStats()
@@ -154,7 +160,7 @@ class Bus:
             count = 0
             for dest, messages in out.items():
                 for batch in _batches(messages):
-                    pipe.publish(channel(dest), encode_batch(self.me, self._incarnation, batch))
+                    pipe.publish(channel(dest), encode_batch(self.me, self.incarnation, batch))
                     count += len(batch)
             try:
                 await pipe.execute()
@@ -199,9 +205,15 @@ class Bus:
     def _receive(self, payload: bytes) -> None:
         try:
             sender, incarnation, messages = decode_batch(payload)
-        except CodecError:
-            return  # not one of ours (someone else published on our channel)
+        except CodecError as exc:
+            # Another version of the relay, or not a relay at all: dropped, said once a minute.
+            now = asyncio.get_running_loop().time()
+            if now - self._foreign_logged >= FOREIGN_LOG_EVERY:
+                self._foreign_logged = now
+                self._on_foreign(str(exc))
+            return
         self.stats.received += len(messages)
+        self._on_peer(sender, incarnation)  # before any of its messages: it may be new
         on_message = self._on_message
         pending = self._pending
         for msg in messages:
@@ -210,7 +222,7 @@ class Bus:
                 if future is not None and not future.done():
                     future.set_result(msg[2])
             else:
-                on_message(sender, incarnation, msg)
+                on_message(sender, msg)
 
     # -- failure --------------------------------------------------------------------
 

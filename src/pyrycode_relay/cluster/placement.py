@@ -24,7 +24,7 @@ from redis.retry import Retry
 
 from pyrycode_relay.cluster import codec
 from pyrycode_relay.cluster.bus import FAILURES, Bus, BusDown
-from pyrycode_relay.cluster.store import OwnershipStore
+from pyrycode_relay.cluster.store import InstanceIdTaken, OwnershipStore
 from pyrycode_relay.core.envelope import close_notice
 from pyrycode_relay.core.registry import Register
 from pyrycode_relay.ops.boot import MSG_INSTANCE_LIVE, BootRefusal
@@ -41,6 +41,9 @@ REASON_OWNER_GONE: Final = "server owner gone"
 STOP_TIMEOUT: Final = 2.0
 REDIS_CONNECTIONS: Final = 32
 _NO_PHONES: Final[dict[str, PhoneSession]] = {}
+_TO_PHONE: Final = frozenset(
+    (codec.DELIVER, codec.DIRECTIVE, codec.EVICT, codec.END, codec.PAUSE, codec.RESUME)
+)
 
 
 class ClusterStats:
@@ -88,7 +91,7 @@ class RemotePhone:
     """In the owner's registry: a phone whose WebSocket is on instance `edge`. What the
     binary's session does to it becomes a bus message to that instance."""
 
-    __slots__ = ("binary", "conn_id", "edge", "ended", "placement", "server_id")
+    __slots__ = ("binary", "conn_id", "edge", "ended", "paused", "placement", "server_id")
 
     def __init__(
         self, placement: ClusterPlacement, edge: str, server_id: str, conn_id: str
@@ -99,6 +102,7 @@ class RemotePhone:
         self.conn_id = conn_id
         self.binary: BinarySession | None = None  # the holder when it was admitted
         self.ended = False  # an END is on its way: later frames need no second one
+        self.paused = False  # a PAUSE is in force at the edge
 
     def deliver(self, frame: bytes) -> None:
         self.placement.bus.send(self.edge, (codec.DELIVER, self.conn_id, frame), len(frame))
@@ -113,12 +117,18 @@ class RemotePhone:
         self.placement.bus.send(self.edge, (codec.EVICT, self.conn_id, code, reason))
 
     def pause(self) -> bool:
-        """Cross-instance frames are not paused (the phone's socket is elsewhere): the
-        binary's --write-timeout and the bus queue limit bound them instead."""
-        return False
+        """The binary is congested: the edge stops reading the phone, as it would here.
+        Frames already on the bus still arrive (bounded by the bus queue limit)."""
+        if self.paused:
+            return False  # already in the binary's blocked list
+        self.paused = True
+        self.placement.bus.send(self.edge, (codec.PAUSE, self.conn_id))
+        return True
 
     def resume(self) -> None:
-        pass
+        if self.paused:
+            self.paused = False
+            self.placement.bus.send(self.edge, (codec.RESUME, self.conn_id))
 
 
 class _Route:
@@ -150,7 +160,12 @@ class ClusterPlacement:
         config = relay.config
         self.relay = relay
         self.me = config.instance_id or f"relay-{secrets.token_hex(4)}"
-        self.incarnation = secrets.token_hex(8)
+        # Our liveness key holds `<process>.<epoch>`: the process part tells a restarted
+        # process from ours, the epoch grows with every bus (re)connection, so peers see
+        # that we lost Redis (and with it every message meanwhile) even if we came back
+        # within one lease.
+        self.process = secrets.token_hex(8) + "."
+        self._epoch = 0
         self.lease = config.cluster_lease
         timeout = max(0.25, min(5.0, self.lease / 2))
         # A bounded pool that makes a burst of admissions queue for a connection (instead
@@ -162,15 +177,18 @@ class ClusterPlacement:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),  # a failure is reported at once, not retried blind
+            client_name=f"pyrycode-relay:{self.me}",  # who is who in CLIENT LIST
         )
         self.client: Redis = Redis.from_pool(pool)
         self.store = OwnershipStore(self.client, self.me, self.lease)
         self.bus = Bus(
             self.client,
             self.me,
-            self.incarnation,
+            self.process + "0",
             queue_limit=config.max_buffered_bytes,
+            on_peer=self._on_peer,
             on_message=self._on_message,
+            on_foreign=self._on_foreign,
             on_up=self._on_up,
             on_down=self._on_down,
         )
@@ -283,7 +301,7 @@ class ClusterPlacement:
         drained) lapses within one lease; a live duplicate keeps renewing it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.lease * 1.5
-        while not await self.store.register_instance(self.incarnation):
+        while not await self.store.register_instance(self.bus.incarnation):
             if loop.time() >= deadline:
                 return False
             await asyncio.sleep(self.lease / 10)
@@ -308,7 +326,7 @@ class ClusterPlacement:
 
     async def _leave(self) -> None:
         await self.store.release(self.relay.registry.server_ids())
-        await self.store.leave(self.incarnation)
+        await self.store.leave(self.process)
 
     # -- claims ---------------------------------------------------------------------
 
@@ -324,8 +342,13 @@ class ClusterPlacement:
         probe_timeout = self.relay.config.conflict_probe_timeout
         try:
             # The owner pings its binary for up to probe_timeout; silence from the owner
-            # itself (killed, partitioned) for twice that is a failed probe too.
-            verdict = await self.bus.request(owner, codec.PROBE, sid, within=2 * probe_timeout)
+            # itself (killed, partitioned) a little longer is a failed probe too.
+            if (await self.store.incarnations([owner]))[owner] is None:
+                verdict = None  # the owner's process is gone: nobody to probe
+            else:
+                verdict = await self.bus.request(
+                    owner, codec.PROBE, sid, within=self._verdict_time()
+                )
             if verdict == codec.ALIVE:
                 binary.conflict()
                 return
@@ -455,9 +478,15 @@ class ClusterPlacement:
         await self._claims.settled(sid, self._decision_time())
         self._register_proxy(edge, req, sid, conn_id)
 
+    def _verdict_time(self) -> float:
+        """How long a remote probe's verdict may take: the probe, plus a little for the bus
+        (the owner answers at once when it is done)."""
+        probe = self.relay.config.conflict_probe_timeout
+        return probe + min(probe, 1.0)
+
     def _decision_time(self) -> float:
         """How long a claim here can take at most: a remote probe and the takeover."""
-        return 2 * self.relay.config.conflict_probe_timeout + self.lease / 2
+        return self._verdict_time() + self.lease / 2
 
     def _register_proxy(self, edge: str, req: int, sid: str, conn_id: str) -> None:
         relay = self.relay
@@ -530,13 +559,22 @@ class ClusterPlacement:
 
     # -- the bus --------------------------------------------------------------------
 
-    def _on_message(self, sender: str, incarnation: str, msg: list[Any]) -> None:
-        self._peers[sender] = incarnation
+    def _on_peer(self, sender: str, incarnation: str) -> None:
+        known = self._peers.get(sender)
+        if known != incarnation:
+            if known is not None:
+                self._peer_lost(sender, incarnation)
+            self._peers[sender] = incarnation
+
+    def _on_foreign(self, err: str) -> None:
+        self.relay.log.warn("cluster_bus_foreign_message", instance_id=self.me, err=err)
+
+    def _on_message(self, sender: str, msg: list[Any]) -> None:
         kind = msg[0]
         if kind == codec.FRAME:
             self._on_frame(sender, msg[1], msg[2], msg[3])
             return
-        if kind in (codec.DELIVER, codec.DIRECTIVE, codec.EVICT, codec.END):
+        if kind in _TO_PHONE:
             phone = self.edges.get(sender, _NO_PHONES).get(msg[1])
             if phone is None:
                 return  # closed meanwhile; its GONE is on its way to the owner
@@ -546,6 +584,10 @@ class ClusterPlacement:
                 phone.close_directive(msg[2], msg[3])
             elif kind == codec.EVICT:
                 phone.evict(msg[2], msg[3])
+            elif kind == codec.PAUSE:
+                phone.pause()
+            elif kind == codec.RESUME:
+                phone.resume()
             else:
                 self.relay.log.info(
                     "phone_forwarder_no_binary", server_id=phone.server_id, conn_id=phone.conn_id
@@ -558,12 +600,17 @@ class ClusterPlacement:
         elif kind == codec.PROBE:
             self._on_probe(sender, msg[1], msg[2])
         elif kind == codec.BYE:
-            self._orphan(sender, 1011, REASON_OWNER_GONE)
-            self._drop_edge(sender, 1001)
+            self._peer_lost(sender, None)
 
     async def _on_up(self) -> None:
         """(Re)connected: assert our instance key and leases before anything is routed."""
-        await self.store.keep_alive(self.incarnation)
+        self._epoch += 1
+        self.bus.incarnation = f"{self.process}{self._epoch}"
+        try:
+            await self.store.keep_alive(self.bus.incarnation, self.process)
+        except InstanceIdTaken:
+            self.relay.log.error("cluster_instance_id_taken", instance_id=self.me)
+            raise
         await self._renew()
         self.relay.log.info("cluster_redis_up", instance_id=self.me)
 
@@ -597,7 +644,7 @@ class ClusterPlacement:
                     self.stats.lease_renew_failures += 1
                 continue
             try:
-                await self.store.keep_alive(self.incarnation)
+                await self.store.keep_alive(self.bus.incarnation, self.process)
                 await self._renew()
                 await self._check_peers()
             except FAILURES as exc:
@@ -618,12 +665,28 @@ class ClusterPlacement:
         peers = list(set(self.edges) | set(self.proxies))
         if not peers:
             return
-        current = await self.store.incarnations(peers)
-        for peer, incarnation in current.items():
-            if incarnation is not None and incarnation == self._peers.get(peer, incarnation):
-                continue
-            self.relay.log.warn("cluster_peer_gone", instance_id=peer)
-            self._peers.pop(peer, None)
+        for peer, incarnation in (await self.store.incarnations(peers)).items():
+            if incarnation is None:
+                self._peer_lost(peer, None)
+            else:
+                self._on_peer(peer, incarnation)
+
+    def _peer_lost(self, peer: str, incarnation: str | None) -> None:
+        """`peer` is gone (incarnation None: its key lapsed, or it said BYE) or lost Redis
+        for a while (a new epoch of the same process): every pair across us ends."""
+        known = self._peers.pop(peer, None)
+        if incarnation is not None:
+            self._peers[peer] = incarnation
+        same_process = (
+            known is not None
+            and incarnation is not None
+            and known.rsplit(".", 1)[0] == incarnation.rsplit(".", 1)[0]
+        )
+        self.relay.log.warn("cluster_peer_gone", instance_id=peer)
+        if same_process:  # it was cut off from Redis: what it lost, it lost as we would
+            self._orphan(peer, UNAVAILABLE, REASON_UNAVAILABLE)
+            self._drop_edge(peer, UNAVAILABLE)
+        else:
             self._orphan(peer, 1011, REASON_OWNER_GONE)
             self._drop_edge(peer, 1001)
 

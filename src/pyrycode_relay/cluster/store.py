@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Final
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 OWNER_PREFIX: Final = "pyrycode-relay:owner:"
 INSTANCE_PREFIX: Final = "pyrycode-relay:instance:"
@@ -55,6 +56,20 @@ for i, key in ipairs(KEYS) do
 end
 return lost
 """
+# KEYS[1] instance key; ARGV value, process prefix, lease ms. Refreshes our liveness key
+# unless another process (same id, other prefix) holds it: 0 then.
+_KEEP_ALIVE = """
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, #ARGV[2]) ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+"""
+# KEYS[1] instance key; ARGV process prefix. Deletes it if it is still ours.
+_LEAVE = """
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, #ARGV[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
 # KEYS owner keys; ARGV me. Deletes the ones we still hold.
 _RELEASE = """
 for _, key in ipairs(KEYS) do
@@ -62,6 +77,11 @@ for _, key in ipairs(KEYS) do
 end
 return 0
 """
+
+
+class InstanceIdTaken(RedisError):
+    """Another live process uses our --instance-id. A RedisError so that it takes the
+    "Redis unusable" path: this instance keeps its local pairs and stays off the bus."""
 
 
 class OwnershipStore:
@@ -73,6 +93,8 @@ class OwnershipStore:
         self._cas = client.register_script(_CAS)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._keep_alive = client.register_script(_KEEP_ALIVE)
+        self._leave = client.register_script(_LEAVE)
 
     # -- server-ids -----------------------------------------------------------------
 
@@ -119,13 +141,18 @@ class OwnershipStore:
         )
         return bool(ok)
 
-    async def keep_alive(self, incarnation: str) -> None:
-        await self._client.set(INSTANCE_PREFIX + self.me, incarnation, px=self._lease_ms)
+    async def keep_alive(self, incarnation: str, process: str) -> None:
+        """Refresh our liveness key with `incarnation` (which starts with `process`).
+        Raises InstanceIdTaken if another process holds our id (both started while Redis
+        was unreachable, so the boot check could not see it)."""
+        ok = await self._keep_alive(
+            keys=[INSTANCE_PREFIX + self.me], args=[incarnation, process, self._lease_ms]
+        )
+        if not ok:
+            raise InstanceIdTaken(self.me)
 
-    async def leave(self, incarnation: str) -> None:
-        key = INSTANCE_PREFIX + self.me
-        if _text_or_none(await self._client.get(key)) == incarnation:
-            await self._client.delete(key)
+    async def leave(self, process: str) -> None:
+        await self._leave(keys=[INSTANCE_PREFIX + self.me], args=[process])
 
     async def incarnations(self, instance_ids: list[str]) -> dict[str, str | None]:
         """Each peer's current incarnation token (None: its liveness key lapsed)."""

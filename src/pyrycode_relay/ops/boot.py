@@ -41,6 +41,7 @@ MSG_NO_MODE: Final = (
     "either --domain (for autocert) or --insecure-listen (for behind-proxy mode) must be set"
 )
 MSG_INSTANCE_ID_ALONE: Final = "refusing to start: --instance-id needs --cluster-redis"
+MSG_CLUSTER_LEASE_ALONE: Final = "refusing to start: --cluster-lease needs --cluster-redis"
 MSG_CLUSTER_REDIS: Final = "refusing to start: invalid --cluster-redis"
 MSG_INSTANCE_ID: Final = "refusing to start: invalid --instance-id"
 MSG_INSTANCE_LIVE: Final = "refusing to start: instance id already live in the cluster"
@@ -158,6 +159,9 @@ _FIX_STATIC_EXCLUSIVE: Final = (
     "--tls-key to use ACME"
 )
 _FIX_INSTANCE_ID_ALONE: Final = "add --cluster-redis URL for cluster mode, or drop --instance-id"
+_FIX_CLUSTER_LEASE_ALONE: Final = (
+    "add --cluster-redis URL for cluster mode, or drop --cluster-lease"
+)
 _FIX_CLUSTER_REDIS: Final = (
     "use redis://[user:password@]host[:port][/db], rediss://... for TLS, or unix:///path/to/socket"
 )
@@ -233,7 +237,7 @@ def check_boot(
         raise BootRefusal(MSG_NO_MODE)
 
     cluster = config.cluster_redis != ""
-    if cluster or "instance-id" in config.explicit:
+    if cluster or "instance-id" in config.explicit or "cluster-lease" in config.explicit:
         _check_cluster_flags(config)
 
     if insecure:
@@ -336,7 +340,9 @@ def _check_cluster_flags(config: Config) -> None:
     """Cluster mode needs a usable Redis URL and a well-formed instance id. The URL is never
     echoed: it may carry a password."""
     if config.cluster_redis == "":
-        raise BootRefusal(MSG_INSTANCE_ID_ALONE, {"fix": _FIX_INSTANCE_ID_ALONE})
+        if "instance-id" in config.explicit:
+            raise BootRefusal(MSG_INSTANCE_ID_ALONE, {"fix": _FIX_INSTANCE_ID_ALONE})
+        raise BootRefusal(MSG_CLUSTER_LEASE_ALONE, {"fix": _FIX_CLUSTER_LEASE_ALONE})
     reason = redis_url_problem(config.cluster_redis)
     if reason is not None:
         raise BootRefusal(MSG_CLUSTER_REDIS, {"reason": reason, "fix": _FIX_CLUSTER_REDIS})
