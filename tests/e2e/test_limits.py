@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import time
 
@@ -251,6 +252,36 @@ async def test_idle_longer_than_deadline_then_message_delivered() -> None:  # F4
         await asyncio.sleep(0.1)  # part of the scenario: fragments spread over time
         raw.send_frame(0x0, b'":true}')
         assert (await recv_json(b))["frame"] == {"frag": True}
+        raw.close()
+
+
+async def test_phone_held_for_a_congested_binary_is_not_read_timed_out() -> None:  # F49
+    """A phone the relay stops reading (its binary's socket is full) is not late: the
+    message deadline restarts when reading does, like the reference's per-read deadline.
+    Before, a frame the pause cut in half was closed 1008 after --message-read-timeout."""
+    quiet = ("--message-read-timeout=500ms", "--write-timeout=10s", "--heartbeat-interval=60s")
+    async with start_relay(*quiet) as relay:
+        raw = await RawWs.connect(relay, "server", "held")  # reads nothing for now
+        await relay.wait_counts(1, 0)
+        p = await phone(relay, "held")
+        chunk = '{"m":"' + "x" * 65_536 + '"}'
+        sent = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.5):  # three deadlines long, paused most of it
+                while True:
+                    await p.send(chunk)
+                    sent += 1
+        last = asyncio.create_task(p.send('{"last":1}'))
+        got = 0
+        async with asyncio.timeout(10):
+            while True:
+                opcode, payload = await raw.read_frame()
+                if opcode == 0x1 and payload.endswith(b'"frame":{"last":1}}'):
+                    break
+                got += opcode == 0x1
+        await last
+        assert got in (sent, sent + 1), (got, sent)  # every frame; the phone was never cut
+        assert "message read timeout" not in relay.log
         raw.close()
 
 

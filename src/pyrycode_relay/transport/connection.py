@@ -422,8 +422,11 @@ class Connection(asyncio.Protocol):
         # fragmented message is open; it must then complete within
         # --message-read-timeout of its first byte. Idle time between messages is never
         # limited (that is the heartbeat's job).
+        # While the endpoint holds this peer (back-pressure toward a congested binary, a
+        # cluster admission) nothing is read, so nothing is late: the deadline restarts
+        # when reading does, like the reference's per-read deadline.
         in_progress = self._fragments is not None or self._rx_partial > 0
-        if in_progress:
+        if in_progress and not self._reading_paused:
             if self._deadline is None:
                 self._deadline = self._loop.call_later(
                     self._settings.message_read_timeout, self._message_deadline_expired
@@ -576,11 +579,14 @@ class Connection(asyncio.Protocol):
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self.closing:
             self._reading_paused = True
+            self._track_message_deadline()
             self._apply_reading()
 
     def resume_reading(self) -> None:
         if self._reading_paused:
             self._reading_paused = False
+            if not self.closing:
+                self._track_message_deadline()
             if self._unparsed is not None:
                 self._loop.call_soon(self._parse_more)  # what arrived while held
             else:
