@@ -28,10 +28,9 @@ from tests.e2e.clusterharness import (
     redis_server,
     run_relay_bounded,
     start_cluster,
+    start_instance,
 )
-from tests.e2e.clusterharness import (
-    Redis as RedisServer,
-)
+from tests.e2e.clusterharness import Redis as RedisServer
 from tests.e2e.harness import (
     RawWs,
     Relay,
@@ -851,6 +850,30 @@ async def test_duplicate_live_instance_id_refused_until_orderly_exit() -> None:
             assert not await redis.instance_live("i1")
         async with start_cluster(redis, 1) as c:  # so the id may be used again at once
             await c.wait_ready()
+
+
+async def test_same_instance_id_started_during_an_outage_stays_off_the_bus() -> None:
+    """The boot check cannot see a duplicate while Redis is down. When Redis comes, the
+    first process to reconnect takes the id; keep-alive refuses to overwrite its key, so
+    the second logs the clash and stays off the bus (as in an outage) instead of sharing
+    the first one's channel."""
+    async with redis_server(started=False) as redis:
+        flags = (f"--cluster-redis={redis.url}", "--instance-id=dup", "--cluster-lease=1s")
+        async with start_instance(*flags) as first, start_instance(*flags) as second:
+            await redis.start()
+            ups = [
+                asyncio.create_task(wait_redis_state(r, "dup", "up", 8)) for r in (first, second)
+            ]
+            done, _ = await asyncio.wait(ups, return_when=asyncio.FIRST_COMPLETED)
+            winner, loser = (first, second) if ups[0] in done else (second, first)
+            for task in ups:
+                task.cancel()
+            await asyncio.gather(*ups, return_exceptions=True)
+            await loser.wait_log("msg=cluster_instance_id_taken instance_id=dup", timeout=5)
+            await wait_redis_state(loser, "dup", "down", 3)
+            assert await redis.subscribers("dup") == 1  # only the winner is on the channel
+            await assert_silent(await binary(winner, "free-id"), 0.2)  # it claims normally
+            assert (await closed_with(await binary(loser, "other-id")))[0] == 1013
 
 
 async def test_default_and_longest_instance_ids_and_fly_app_name() -> None:
