@@ -339,10 +339,9 @@ class ClusterPlacement:
     async def _claim_from(self, binary: BinarySession, owner: str) -> None:
         """`owner` (another instance) holds the lease: have it probe its binary."""
         sid = binary.server_id
-        probe_timeout = self.relay.config.conflict_probe_timeout
         try:
-            # The owner pings its binary for up to probe_timeout; silence from the owner
-            # itself (killed, partitioned) a little longer is a failed probe too.
+            # The owner pings its binary for up to --conflict-probe-timeout; silence from
+            # the owner itself (killed, partitioned) a little longer is a failed probe too.
             if (await self.store.incarnations([owner]))[owner] is None:
                 verdict = None  # the owner's process is gone: nobody to probe
             else:
