@@ -2,7 +2,8 @@
 # Re-runs every measurement cited in docs/performance.md and writes the JSON results into
 # bench/results/. Needs the Go stand-in and loadgen built (/work/shared/anchors/build.sh,
 # or ANCHORS=<dir with bin/ and compare.sh>) and a 2-core machine with nothing else
-# running. Loopback only; every run is bounded by its own duration. Takes ~20 minutes.
+# running. Loopback only; every run is bounded by its own duration. Takes ~30 minutes;
+# step 6 needs redis-server on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ANCHORS=${ANCHORS:-/tmp/anchors}
@@ -37,3 +38,18 @@ done
 
 # 5. Memory growth with connections and with queued bytes.
 .venv/bin/python scripts/measure_memory.py --connections 10000 >"$R/memory-growth.txt"
+
+# 6. Cluster: a fresh redis-server and two instances (every binary on bench-a, every phone
+#    on bench-b, so every frame crosses instances through Redis) next to a single relay in
+#    the same run. Pinned: all server processes share one CPU, as the single relay has it;
+#    --no-pin: nothing pinned (the instances may use both cores, with the load generator).
+for d in 1 8; do
+  .venv/bin/pyrycode-relay bench closed --cluster -b 10 -p 10 -d "$d" --dur 10 --reps 3 \
+    --out "$R/cluster-closed-10x10x$d.json" >/dev/null
+  .venv/bin/pyrycode-relay bench closed --cluster --no-pin -b 10 -p 10 -d "$d" --dur 10 \
+    --reps 3 --out "$R/cluster-closed-10x10x$d-nopin.json" >/dev/null
+done
+.venv/bin/pyrycode-relay bench open --cluster --phones 5000 -p 10 --rate 1 --dur 10 --reps 3 \
+  --out "$R/cluster-open-5000x1.json" >/dev/null
+.venv/bin/pyrycode-relay bench open --cluster --phones 5000 -p 10 --rate 0.25,0.5 --dur 10 \
+  --reps 3 --out "$R/cluster-open-5000-low.json" >/dev/null

@@ -132,3 +132,22 @@ async def test_closed_loop_against_a_given_url(tmp_path: Path) -> None:
     assert run["relay"] == "url"
     assert_clean(run["result"])
     assert run["result"]["n"] > 0 and run["result"]["relay_cpu_pct"] is not None
+
+
+async def test_phones_to_another_url(tmp_path: Path) -> None:
+    """`--phone-url`: phones connect to a second address (here the same relay by another
+    name, so no cluster is needed); the pid given twice is counted once."""
+    from tests.e2e.harness import run_command, start_relay
+
+    out = tmp_path / "phone-url.json"
+    async with start_relay("--rate-limit-burst=0") as relay:
+        pid = str(relay.proc.pid)
+        code, log = await run_command(
+            [*BENCH, "closed", "--url", relay.url, "--pid", pid, "--no-pin",
+             "--phone-url", f"ws://localhost:{relay.port}", "--phone-pid", pid,
+             "-b", "2", "-p", "3", "-d", "2", "--warmup", "0.2", "--dur", "1", "--out", str(out)]
+        )  # fmt: skip
+    assert code == 0, log[-2000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert_clean(run["result"])
+    assert run["result"]["n"] > 0 and "relay_cpu_pct_b" not in run["result"]

@@ -78,10 +78,11 @@ class CpuSampler:
         self.pid = pid
         self.points: list[tuple[float, float]] = []
 
+    def read(self) -> float | None:
+        return proc_cpu_s(self.pid) if self.pid is not None else None
+
     def sample(self) -> None:
-        if self.pid is None:
-            return
-        cpu = proc_cpu_s(self.pid)
+        cpu = self.read()
         if cpu is not None:
             self.points.append((time.perf_counter(), cpu))
 
@@ -90,6 +91,28 @@ class CpuSampler:
             return None
         (w0, c0), (w1, c1) = self.points[0], self.points[-1]
         return round(100 * (c1 - c0) / (w1 - w0), 1)
+
+
+def machine_busy_s() -> float | None:
+    """CPU time every CPU spent busy (not idle, iowait or stolen) since boot, seconds."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / CLK_TCK
+
+
+class MachineSampler(CpuSampler):
+    """The whole machine's busy CPU (% of one core): with the relays' and the client's
+    share taken off, what else ran during the window (0 on a quiet machine)."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def read(self) -> float | None:
+        return machine_busy_s()
 
 
 # -- relays -------------------------------------------------------------------------
@@ -108,7 +131,32 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "relay_version": __version__,
+        **source_revision(),
     }
+
+
+def source_revision() -> dict[str, Any]:
+    """The git commit the measured code is at, when it runs from a checkout (and whether
+    src/ had uncommitted changes): a figure is only comparable with the code it names."""
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "-C", src, "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", src, "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": head, "git_src_dirty": bool(dirty)}
 
 
 def free_ports(n: int) -> list[int]:
@@ -363,7 +411,11 @@ def started_cluster(args: argparse.Namespace) -> Iterator[Running]:
     if redis_server is None:
         raise SystemExit("bench: the cluster run needs redis-server on PATH")
     with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="pyrycode-bench-"))
+        if args.keep_logs:
+            os.makedirs(args.keep_logs, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix="cluster-", dir=args.keep_logs)
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="pyrycode-bench-"))
         redis_port, *ports = free_ports(1 + 2 * len(CLUSTER_INSTANCES))
         redis_log = os.path.join(tmp, "redis.log")
         redis = stack.enter_context(
@@ -426,6 +478,8 @@ def started_cluster(args: argparse.Namespace) -> Iterator[Running]:
             exited = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
             if exited:
                 out["exited"] = exited  # the run is not ok: a process died under load
+            if args.keep_logs:
+                out["logs"] = tmp
             return out
 
         a, b = CLUSTER_INSTANCES
@@ -472,8 +526,10 @@ async def run_scenario(
 ) -> dict[str, Any]:
     target, procs = running.target, running.procs
     samplers = {name: CpuSampler(pid) for name, pid in procs.items()}
+    machine_sampler = MachineSampler()
 
     def sample() -> None:
+        machine_sampler.sample()
         for sampler in samplers.values():
             sampler.sample()
 
@@ -536,6 +592,13 @@ async def run_scenario(
             out[f"relay_cpu_pct_{name}"] = cpu[name]
             out[f"relay_rss_kib_{name}"] = rss_kib[name]
     total_cpu, rps = out["relay_cpu_pct"], out["rps"]
+    busy = machine_sampler.pct()
+    if busy is not None and total_cpu is not None and args.scenario == "closed":
+        # Anything but the measured servers and this client (another job on a shared
+        # machine) shows up here; a few % is the kernel's own work. Closed loop only:
+        # /proc/stat is sampled per clock tick, and the open-loop scheduler, which wakes
+        # and sleeps between ticks, makes the figure swing ±50 % on an idle machine.
+        out["other_cpu_pct"] = round(busy - total_cpu - out["client_cpu_pct"], 1)
     # Server CPU per round trip: the cost figure that does not depend on who saturates.
     out["relay_cpu_us_per_rt"] = round(total_cpu * 1e4 / rps, 1) if total_cpu and rps else None
     return out
@@ -571,6 +634,7 @@ SUMMARY_KEYS = {
         "relay_cpu_pct",
         "relay_cpu_us_per_rt",
         "client_cpu_pct",
+        "other_cpu_pct",
     ),
     "open": (
         "rps",
@@ -706,7 +770,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--relay",
         default="self",
-        help="comma list of relays to start: self, go, echo (default self)",
+        help="comma list of relays to start: self, go, echo, cluster (default self)",
     )
     ap.add_argument(
         "--cluster",
@@ -714,6 +778,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="also run a 2-instance cluster (closed, open): a fresh redis-server and two "
         "of our relays on it, every binary on one and every phone on the other, next to "
         "the single relay (self) in the same run; needs redis-server on PATH",
+    )
+    ap.add_argument(
+        "--keep-logs",
+        metavar="DIR",
+        help="keep each cluster run's instance and redis-server logs in a new directory "
+        "under DIR (default: a temporary directory, removed)",
     )
     ap.add_argument("--url", help="measure a running relay instead (ws://127.0.0.1:PORT)")
     ap.add_argument("--pid", type=int, help="with --url: the relay's pid for CPU and RSS")
