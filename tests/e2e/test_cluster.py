@@ -169,11 +169,12 @@ async def settled(relay: Relay, series: str) -> float:
     return min(values)
 
 
-async def wait_fds(relay: Relay, expected: int, timeout: float = 5.0) -> None:
+async def wait_fds(relay: Relay, expected: int, timeout: float = 5.0, *, slack: int = 0) -> None:
+    """Poll until the relay holds `expected` fds (up to `slack` more)."""
     n = open_fds(relay)
     try:
         async with asyncio.timeout(timeout):
-            while (n := open_fds(relay)) != expected:
+            while not expected <= (n := open_fds(relay)) <= expected + slack:
                 await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"relay holds {n} fds, expected {expected}") from None
@@ -679,7 +680,10 @@ async def test_redis_outage_local_pairs_survive_and_cluster_recovers() -> None:
         await r3.wait_counts(0, 0)
         for r, tasks, fds in zip(c.relays, tasks_before, fds_before, strict=True):
             await wait_metric(r, TASKS, tasks)
-            await wait_fds(r, fds)
+            # Redis connections are pooled and opened on demand, so one more idle pooled
+            # connection than before the outage is not a leak; a leak would grow with the
+            # clients this test opened and closed since (eight).
+            await wait_fds(r, fds, slack=1)
 
 
 async def test_redis_unreachable_at_boot_then_arrives() -> None:
