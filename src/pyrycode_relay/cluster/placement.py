@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from pyrycode_relay.endpoints.client import PhoneSession
     from pyrycode_relay.endpoints.relay import Relay
     from pyrycode_relay.endpoints.server import BinarySession
+
+_T = TypeVar("_T")
 
 UNAVAILABLE: Final = 1013  # RFC 6455 "try again later"
 REASON_UNAVAILABLE: Final = "cluster unavailable"
@@ -147,11 +149,7 @@ class _Route:
 
     def closed(self, phone: PhoneSession, notice_code: int) -> None:
         placement = self.placement
-        phones = placement.edges.get(self.owner)
-        if phones is not None and phones.get(phone.conn_id) is phone:
-            del phones[phone.conn_id]
-            if not phones:
-                del placement.edges[self.owner]
+        _discard(placement.edges, self.owner, phone.conn_id, phone)
         placement.bus.send(self.owner, (codec.GONE, phone.server_id, phone.conn_id, notice_code))
 
 
@@ -259,14 +257,16 @@ class ClusterPlacement:
     def counts(self) -> tuple[int, int]:
         binaries, phones = self.relay.registry.counts()
         proxies = sum(len(p) for p in self.proxies.values())
-        remote = sum(len(p) for p in self.edges.values())
-        return binaries, phones - proxies + remote
+        return binaries, phones - proxies + self._remote_phones()
+
+    def _remote_phones(self) -> int:
+        return sum(len(p) for p in self.edges.values())
 
     def figures(self) -> ClusterFigures:
         return ClusterFigures(
             published=self.bus.stats.published,
             received=self.bus.stats.received,
-            remote_phones=sum(len(p) for p in self.edges.values()),
+            remote_phones=self._remote_phones(),
             redis_up=self.bus.up,
             lease_renew_failures=self.stats.lease_renew_failures,
         )
@@ -550,11 +550,7 @@ class ClusterPlacement:
         relay.log.info("phone_unregistered", server_id=proxy.server_id, conn_id=proxy.conn_id)
 
     def forget_proxy(self, proxy: RemotePhone) -> None:
-        proxies = self.proxies.get(proxy.edge)
-        if proxies is not None and proxies.get(proxy.conn_id) is proxy:
-            del proxies[proxy.conn_id]
-            if not proxies:
-                del self.proxies[proxy.edge]
+        _discard(self.proxies, proxy.edge, proxy.conn_id, proxy)
 
     # -- the bus --------------------------------------------------------------------
 
@@ -699,3 +695,12 @@ class ClusterPlacement:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _discard(by_instance: dict[str, dict[str, _T]], instance: str, conn_id: str, item: _T) -> None:
+    """Remove `item` from its instance's table if it is still there; drop an emptied table."""
+    table = by_instance.get(instance)
+    if table is not None and table.get(conn_id) is item:
+        del table[conn_id]
+        if not table:
+            del by_instance[instance]
