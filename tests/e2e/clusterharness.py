@@ -6,7 +6,7 @@ block ends. It can be stopped (SIGTERM, like an operator) and started again on t
 port, which is how the tests simulate an outage. A tiny RESP client lets a test look at
 the keys and channels the cluster contract names (ownership, instance liveness, the bus).
 
-`start_cluster()` starts N relay processes through `harness.launch` (so every
+`start_cluster()` starts N relay processes through `harness.start_relay` (so every
 process gets the same log hygiene checks and is killed at the end), all pointed at the
 same Redis, instance ids `i1..iN`, short lease. Relays print `msg=starting ` only once
 their bus subscription is active, so the cluster is usable as soon as the block starts.
@@ -25,24 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
 
-from tests.e2e.harness import (
-    FAST_TIMERS,
-    Relay,
-    free_port,
-    launch,
-    relay_command,
-    relay_env,
-)
+from tests.e2e.harness import Relay, free_port, relay_command, relay_env, start_relay
 
 REDIS_SERVER = shutil.which("redis-server")
 OWNER_KEY = "pyrycode-relay:owner:"
 INSTANCE_KEY = "pyrycode-relay:instance:"
 BUS_CHANNEL = "pyrycode-relay:inst:"
-# free_port() hands out a port that is closed again until the child binds it; another
-# process (or an outgoing connection's ephemeral port) may take it meanwhile. A start
-# that fails on exactly that is retried on fresh ports; any other failure is the test's.
-PORT_ATTEMPTS = 3
-PORT_TAKEN = "address already in use"
 
 RespValue: TypeAlias = "str | int | bytes | list[RespValue] | None"
 
@@ -68,10 +56,6 @@ class Redis:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
-
-    def port_was_taken(self) -> bool:
-        """redis-server exited because its port was in use."""
-        return not self.running and PORT_TAKEN in self.log_tail().lower()
 
     def log_tail(self, lines: int = 20) -> str:
         path = self.workdir / "redis.log"
@@ -246,15 +230,7 @@ async def redis_server(*, started: bool = True) -> AsyncIterator[Redis]:
         redis = Redis(free_port(), Path(workdir))
         try:
             if started:
-                for attempt in range(PORT_ATTEMPTS):
-                    try:
-                        await redis.start()
-                        break
-                    except AssertionError:
-                        # only a port taken since free_port() earns another try
-                        if attempt + 1 == PORT_ATTEMPTS or not redis.port_was_taken():
-                            raise
-                        redis.port = free_port()
+                await redis.start()
             yield redis
         finally:
             await redis.kill()
@@ -280,58 +256,6 @@ class Cluster:
                 await self.redis.wait_instance_ready(iid)
 
 
-async def _started(relay: Relay, timeout: float) -> bool:
-    """Wait for `msg=starting `: True. False if the relay exited because a port it was
-    given was taken meanwhile. Fails (with the log) on anything else."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not relay.count_log("msg=starting "):
-                if relay.proc.returncode is not None:
-                    await relay.stop()  # collects the rest of its output
-                    if PORT_TAKEN in relay.log.lower():
-                        return False
-                    raise AssertionError(f"the relay exited {relay.proc.returncode}")
-                await asyncio.sleep(0.01)
-    except (AssertionError, TimeoutError) as exc:
-        raise AssertionError(f"relay did not start ({exc!r}); its log:\n{relay.log}") from None
-    return True
-
-
-@contextlib.asynccontextmanager
-async def start_instance(*flags: str, timeout: float = 10.0) -> AsyncIterator[Relay]:
-    """One relay exactly as `harness.start_relay` starts it (insecure mode, free ports,
-    FAST_TIMERS, then `flags`) through `harness.launch`, except that waiting for
-    `msg=starting ` fails at once (with the relay's log) if the process exits."""
-    async with contextlib.AsyncExitStack() as stack:
-        for _ in range(PORT_ATTEMPTS):
-            port, metrics_port = free_port(), free_port()
-            args = [f"--insecure-listen=127.0.0.1:{port}", "--max-connections=200", *FAST_TIMERS]
-            args += [f"--metrics-listen=127.0.0.1:{metrics_port}", *flags]
-            attempt = contextlib.AsyncExitStack()
-            # ready="": launch returns at the first log line; the wait for `starting` is ours
-            relay = await attempt.enter_async_context(
-                launch(
-                    relay_command(*args),
-                    port=port,
-                    metrics_port=metrics_port,
-                    ready="",
-                    timeout=timeout,
-                )
-            )
-            try:
-                started = await _started(relay, timeout)
-            except BaseException:
-                await attempt.aclose()
-                raise
-            if started:
-                stack.push_async_exit(attempt)
-                break
-            await attempt.aclose()
-        else:
-            raise AssertionError(f"no free ports in {PORT_ATTEMPTS} attempts")
-        yield relay
-
-
 @contextlib.asynccontextmanager
 async def start_cluster(
     redis: Redis, n: int, *flags: str, lease: str = "1s", prefix: str = "i"
@@ -340,7 +264,7 @@ async def start_cluster(
     `--cluster-lease=<lease>`, then `flags` (later flags win)."""
     ids = [f"{prefix}{k}" for k in range(1, n + 1)]
     managers = [
-        start_instance(
+        start_relay(
             f"--cluster-redis={redis.url}",
             f"--instance-id={iid}",
             f"--cluster-lease={lease}",

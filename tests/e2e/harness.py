@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import socket
 import struct
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import websockets
@@ -39,10 +41,34 @@ FAST_TIMERS = (
 TOKEN = "secret-device-token-7f3a9c"  # must never appear in the relay's logs
 
 
+def _unassigned_ports() -> range:
+    """Ports below the kernel's ephemeral range. Neither bind(0) nor an outgoing connect()
+    ever picks one, so a port handed out here stays free until the child binds it: an
+    ephemeral port, closed again before the child starts, can be taken meanwhile as some
+    connection's source port (a relay that then fails to bind was a flaky test)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(10000, max(low, 20000))
+
+
+_PORTS = _unassigned_ports()
+# A start of its own per test process, then never the same port twice in one run.
+_next_port = itertools.count(os.getpid() * 7919 % len(_PORTS))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nobody holds, never handed out before in this test run."""
+    for _ in range(len(_PORTS)):
+        port = _PORTS[next(_next_port) % len(_PORTS)]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # some other service's port
+        return port
+    raise AssertionError(f"no free loopback port in {_PORTS}")
 
 
 class Relay:
@@ -65,6 +91,7 @@ class Relay:
         while line := await self.proc.stderr.readline():
             self.lines.append(line.decode("utf-8", "replace").rstrip("\n"))
             self._new_line.set()
+        self._new_line.set()  # end of output: a waiter learns no line will come
 
     @property
     def url(self) -> str:
@@ -75,12 +102,19 @@ class Relay:
         return "\n".join(self.lines)
 
     async def wait_log(self, needle: str, timeout: float = 5.0) -> str:
-        """The first log line containing `needle` (waiting for it if needed)."""
+        """The first log line containing `needle` (waiting for it if needed). Fails at
+        once, with the log, if the relay's output has ended without it."""
         async with asyncio.timeout(timeout):
             while True:
                 for line in self.lines:
                     if needle in line:
                         return line
+                if self._reader.done():
+                    await self.proc.wait()
+                    raise AssertionError(
+                        f"the relay exited {self.proc.returncode} before logging {needle!r};"
+                        f" its log:\n{self.log}"
+                    )
                 self._new_line.clear()
                 await self._new_line.wait()
 
@@ -160,7 +194,10 @@ async def launch(
     )
     relay = Relay(proc, port, metrics_port)
     try:
-        await relay.wait_log(ready, timeout=timeout)
+        try:
+            await relay.wait_log(ready, timeout=timeout)
+        except TimeoutError:
+            raise AssertionError(f"no {ready!r} in {timeout} s; the log:\n{relay.log}") from None
         yield relay
     finally:
         if proc.returncode is None:

@@ -28,7 +28,6 @@ from tests.e2e.clusterharness import (
     redis_server,
     run_relay_bounded,
     start_cluster,
-    start_instance,
 )
 from tests.e2e.clusterharness import Redis as RedisServer
 from tests.e2e.harness import (
@@ -863,7 +862,7 @@ async def test_same_instance_id_started_during_an_outage_stays_off_the_bus() -> 
     the first one's channel."""
     async with redis_server(started=False) as redis:
         flags = (f"--cluster-redis={redis.url}", "--instance-id=dup", "--cluster-lease=1s")
-        async with start_instance(*flags) as first, start_instance(*flags) as second:
+        async with start_relay(*flags) as first, start_relay(*flags) as second:
             await redis.start()
             ups = [
                 asyncio.create_task(wait_redis_state(r, "dup", "up", 8)) for r in (first, second)
