@@ -685,6 +685,24 @@ async def test_redis_outage_local_pairs_survive_and_cluster_recovers() -> None:
             await wait_fds(r, fds, slack=1)
 
 
+async def test_quiet_pair_outlives_redis_closing_idle_clients() -> None:
+    """Operators and managed Redis services close idle clients (`timeout`). A cross pair
+    that stays quiet for longer than that still routes its next frames both ways: the bus
+    does not count a connection Redis closed while idle as an outage."""
+    async with redis_server() as redis, start_cluster(redis, 2) as c:
+        await redis.command("CONFIG", "SET", "timeout", "1")
+        r1, r2 = c.relays
+        b = await claim(c, r1)
+        p, cid = await join(r2, b)
+        for quiet in range(2):
+            # Not luck: Redis closes a client idle for over 1 s within its next 100 ms cron.
+            await asyncio.sleep(2.5)
+            await round_trip(b, p, cid, f"after-quiet-{quiet}")
+        for r in c.relays:
+            assert r.count_log("cluster_redis_down") == 0, r.log
+            assert (await r.metrics())[REDIS_UP] == 1
+
+
 async def test_redis_unreachable_at_boot_then_arrives() -> None:
     # The contract says both "Redis unreachable at boot -> the relay still starts (local
     # pairs work)" and "New claims of ids not held locally -> 1013". At boot nothing is

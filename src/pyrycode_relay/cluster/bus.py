@@ -173,8 +173,14 @@ class Bus:
                         commands.append(("PUBLISH", channel(dest), payload))
                         count += len(batch)
                 try:
-                    if conn is not None and conn_outages != self._outages:
-                        await _drop(pool, conn)  # from before an outage: Redis may be new
+                    # From before an outage (Redis may be new), or closed by Redis while
+                    # idle (its `timeout`; managed services set one): nothing of ours was
+                    # lost on it, so a fresh connection, not an outage. can_read() is
+                    # True at EOF, or with bytes nobody asked for; it makes no syscall.
+                    if conn is not None and (
+                        conn_outages != self._outages or await conn.can_read()
+                    ):
+                        await _drop(pool, conn)
                         conn = None
                     if conn is None:
                         conn_outages = self._outages
