@@ -236,6 +236,88 @@ async def redis_server(*, started: bool = True) -> AsyncIterator[Redis]:
             await redis.kill()
 
 
+class FreezingProxy:
+    """A TCP forwarder on loopback in front of a Redis. `freeze_subscribers()` stops every
+    byte of the connections that subscribed, both ways, and keeps their TCP connections
+    open: what a NAT or load balancer that silently dropped an idle flow leaves behind."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._links: list[_Link] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for link in self._links:
+            link.abort()
+        self._links.clear()
+
+    def freeze_subscribers(self) -> int:
+        """Freeze every live connection that sent SUBSCRIBE; how many there were."""
+        frozen = [link for link in self._links if link.subscriber and not link.frozen]
+        for link in frozen:
+            link.frozen = True
+        return len(frozen)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.redis.port)
+        except OSError:
+            writer.transport.abort()
+            return
+        link = _Link(writer, up_writer)
+        self._links.append(link)
+        await asyncio.gather(
+            link.pump(reader, up_writer, upstream=True),
+            link.pump(up_reader, writer, upstream=False),
+            return_exceptions=True,
+        )
+        link.abort()
+        if link in self._links:
+            self._links.remove(link)
+
+
+class _Link:
+    def __init__(self, client: asyncio.StreamWriter, server: asyncio.StreamWriter) -> None:
+        self.writers = (client, server)
+        self.subscriber = False
+        self.frozen = False
+
+    async def pump(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, upstream: bool
+    ) -> None:
+        while data := await src.read(65536):
+            if upstream and b"SUBSCRIBE" in data:
+                self.subscriber = True
+            if not self.frozen:  # frozen: read and dropped, so nobody's buffers fill
+                dst.write(data)
+                await dst.drain()
+        self.abort()  # one side closed: so does the other
+
+    def abort(self) -> None:
+        for writer in self.writers:
+            writer.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def freezing_proxy(redis: Redis) -> AsyncIterator[FreezingProxy]:
+    proxy = FreezingProxy(redis)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
 @dataclass
 class Cluster:
     redis: Redis

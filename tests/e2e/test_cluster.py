@@ -24,6 +24,7 @@ from websockets.asyncio.client import ClientConnection
 from pyrycode_relay import __version__
 from tests.e2e.clusterharness import (
     Cluster,
+    freezing_proxy,
     open_fds,
     redis_server,
     run_relay_bounded,
@@ -581,6 +582,34 @@ async def test_one_instance_losing_its_bus_ends_its_cross_pairs_on_both_sides(cu
         await wait_redis_state(r2, "i2", "up", 5)
         p2, cid2 = await join(r2, b, hello='{"again":1}')  # not 4429: the old one is gone
         await round_trip(b, p2, cid2, "after-cut")
+
+
+async def test_silently_dead_subscription_is_noticed_and_ends_its_pairs() -> None:
+    """A NAT or load balancer that drops an idle flow leaves the subscription's connection
+    open but deaf: the instance would never hear its peers again while its liveness key
+    stays fresh (other connections renew it). A subscription quiet for lease/3 is pinged;
+    no answer by the next lease/3 is an outage: the pairs across it end 1013 on both sides
+    and the bus comes back on a new connection."""
+    async with redis_server() as redis, freezing_proxy(redis) as proxy:
+        flags = ("--cluster-lease=1s",)
+        async with (
+            start_relay(f"--cluster-redis={redis.url}", "--instance-id=i1", *flags) as r1,
+            start_relay(f"--cluster-redis={proxy.url}", "--instance-id=i2", *flags) as r2,
+        ):
+            c = Cluster(redis, [r1, r2], ["i1", "i2"])
+            await c.wait_ready()
+            b = await claim(c, r1)
+            p, cid = await join(r2, b)
+            await round_trip(b, p, cid, "before")
+            assert proxy.freeze_subscribers() == 1
+            # two lease/3 ticks to notice, then one liveness check on i1 after the new epoch
+            bound = 3 * LEASE / 3 + LEASE / 3 + SLACK
+            assert await closed_with(p, bound) == UNAVAILABLE
+            assert await recv_text(b, bound) == notice(cid, 1013)
+            assert "subscription silent" in await r2.wait_log("msg=cluster_redis_down", 1)
+            await wait_redis_state(r2, "i2", "up", 5)
+            p2, cid2 = await join(r2, b, hello='{"again":1}')
+            await round_trip(b, p2, cid2, "after")
 
 
 async def test_congested_binary_pauses_its_phones_on_other_instances() -> None:

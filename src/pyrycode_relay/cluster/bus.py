@@ -1,6 +1,7 @@
 """The message bus between relay instances: one Redis pub/sub channel per instance.
 
-Owns: the subscription to our channel (resubscribed with backoff after any Redis failure),
+Owns: the subscription to our channel (resubscribed with backoff after any Redis failure,
+pinged when quiet and given up when it stays silent),
 the single publisher task (every message to every peer goes through it, so messages to one
 peer leave in the order they were sent — per-phone FIFO rests on this), batching of all
 messages queued for one peer in one loop iteration into one PUBLISH, request/reply
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
@@ -35,6 +37,9 @@ FAILURES: Final = (RedisError, OSError, TimeoutError, EOFError)
 
 class BusDown(Exception):
     """The bus is not connected: nothing can cross instances right now."""
+
+
+SILENT: Final = "subscription silent"  # the `err` logged when keepalive() gives up
 
 
 class BusStats:
@@ -81,6 +86,10 @@ class Bus:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._settled = asyncio.Event()  # the first connection attempt ended, either way
         self._subscriber: asyncio.Task[None] | None = None
+        self._pubsub: PubSub | None = None  # the live subscription, while there is one
+        self._heard = False  # anything arrived on it since the last keep-alive tick
+        self._pinged = False
+        self._pinger: asyncio.Task[None] | None = None
         self._publisher: asyncio.Task[None] | None = None
         self._closed = False
         self._outages = 0
@@ -100,7 +109,7 @@ class Bus:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flushed(), flush_timeout)
         self._closed = True
-        for task in (self._subscriber, self._publisher):
+        for task in (self._subscriber, self._publisher, self._pinger):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -220,17 +229,40 @@ class Bus:
                 self.up = True
                 self._settled.set()
                 delay = 0.0
+                self._pubsub = pubsub  # for keepalive()
+                self._heard, self._pinged = True, False
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    self._heard = True  # a message or the keep-alive's pong
                     if msg is not None and msg["type"] == "message":
                         self._receive(msg["data"])
             except FAILURES as exc:
                 self._down(type(exc).__name__)
             finally:
+                self._pubsub = None
                 with contextlib.suppress(*FAILURES):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             self._settled.set()
             delay = min(max(delay * 2, BACKOFF_MIN), BACKOFF_MAX)
+
+    def keepalive(self) -> None:
+        """Called every keep-alive period (the placement's lease/3 tick). A NAT or load
+        balancer that dropped a quiet flow leaves our subscription open and deaf, and
+        nothing else would tell us (our liveness key is renewed on other connections).
+        Quiet for a period: PING it (which also keeps such middleboxes from dropping it).
+        Still quiet a period later: an outage, since what peers published meanwhile is
+        lost. (A timer here rather than a read timeout per message: that cost 3 µs each.)"""
+        pubsub = self._pubsub
+        if not self.up or pubsub is None:
+            return
+        if self._heard:
+            self._heard = self._pinged = False
+        elif self._pinged:
+            self.fail(SILENT)
+        else:
+            self._pinged = True
+            if self._pinger is None or self._pinger.done():
+                self._pinger = asyncio.create_task(_ping(pubsub), name="cluster-bus-ping")
 
     def _receive(self, payload: bytes) -> None:
         try:
@@ -284,6 +316,12 @@ class Bus:
         for future in pending.values():
             if not future.done():
                 future.set_exception(BusDown())
+
+
+async def _ping(pubsub: PubSub) -> None:
+    # Its PONG reaches the subscriber like a message; a failure here is the subscriber's to see.
+    with contextlib.suppress(*FAILURES):
+        await pubsub.ping()
 
 
 async def _drop(pool: ConnectionPool, conn: AbstractConnection) -> None:

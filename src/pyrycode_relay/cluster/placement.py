@@ -638,6 +638,7 @@ class ClusterPlacement:
                 if self.relay.registry.server_ids():
                     self.stats.lease_renew_failures += 1
                 continue
+            self.bus.keepalive()
             try:
                 await self.store.keep_alive(self.bus.incarnation, self.process)
                 await self._renew()
