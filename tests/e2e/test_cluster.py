@@ -22,7 +22,10 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 
 from pyrycode_relay import __version__
+from pyrycode_relay.cluster import codec
 from tests.e2e.clusterharness import (
+    INSTANCE_KEY,
+    OWNER_KEY,
     Cluster,
     freezing_proxy,
     open_fds,
@@ -402,6 +405,36 @@ async def test_unresponsive_incumbent_taken_over_from_another_instance() -> None
             await assert_silent(b3, 0.1)
         finally:
             b1.close()
+
+
+async def test_claim_of_an_id_whose_owner_speaks_another_bus_format_is_refused_1013() -> None:
+    """During a roll across a bus format change the two releases cannot hear each other:
+    a probe would go unanswered and take the id over even from a live binary. Instance
+    keys name their process's bus format, so such a claim is refused 1013 (try again
+    later) at once and the id stays put; an owner of our format that stays silent is
+    still taken over after the probe."""
+    async with redis_server() as redis, start_cluster(redis, 1) as c:
+        (r1,) = c.relays
+        ghost = "ghost"  # an instance that never answers the bus
+
+        async def plant(process: str) -> None:
+            await redis.command("SET", INSTANCE_KEY + ghost, f"{process}0", "PX", "60000")
+            await redis.command("SET", OWNER_KEY + SID, ghost, "PX", "60000")
+
+        await plant(codec.process_token(codec.VERSION + 1, "0123456789abcdef"))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        b = await binary(r1, SID)
+        assert await closed_with(b, PROBE + SLACK) == UNAVAILABLE
+        assert loop.time() - t0 < PROBE, "waited for a probe nobody could answer"
+        assert await redis.command("GET", OWNER_KEY + SID) == ghost.encode()
+
+        await plant(codec.process_token(codec.VERSION, "0123456789abcdef"))
+        b2 = await binary(r1, SID)
+        await wait_claimed(c, r1)  # after the probe went unanswered
+        assert b2.close_code is None
+        m = await r1.metrics()
+        assert m[TAKEOVERS] == 1
 
 
 # -- grace, reclaim, expiry across instances -----------------------------------------------

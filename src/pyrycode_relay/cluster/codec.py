@@ -4,7 +4,8 @@ Owns: message kinds and their field order, and packing a batch of messages for o
 destination into one Redis PUBLISH payload (msgpack:
 `[version, sender, incarnation, [msg, ...]]`, each msg a list whose first element is its
 kind). `version` changes with any incompatible change here; a payload of another version
-is refused, never misread. Frames ride as msgpack bin, byte for byte.
+is refused, never misread, and every instance key names its process's version. Frames
+ride as msgpack bin, byte for byte.
 Must never: do I/O, or interpret a frame's content.
 """
 
@@ -43,6 +44,17 @@ _decoder = msgspec.msgpack.Decoder(tuple[int, str, str, list[list[Any]]])
 
 class CodecError(ValueError):
     pass
+
+
+def process_token(version: int, random_hex: str) -> str:
+    """The process part of an instance key's value, `b<version>-<hex>.` (the epoch follows):
+    it names the bus format the process speaks, so a claimant can tell an owner it cannot
+    talk to from one that is silent."""
+    return f"b{version}-{random_hex}."
+
+
+def speaks_our_format(incarnation: str) -> bool:
+    return incarnation.startswith(f"b{VERSION}-")
 
 
 def channel(instance_id: str) -> str:

@@ -158,11 +158,11 @@ class ClusterPlacement:
         config = relay.config
         self.relay = relay
         self.me = config.instance_id or f"relay-{secrets.token_hex(4)}"
-        # Our liveness key holds `<process>.<epoch>`: the process part tells a restarted
-        # process from ours, the epoch grows with every bus (re)connection, so peers see
-        # that we lost Redis (and with it every message meanwhile) even if we came back
-        # within one lease.
-        self.process = secrets.token_hex(8) + "."
+        # Our liveness key holds `<process>.<epoch>`: the process part names our bus format
+        # and tells a restarted process from ours, the epoch grows with every bus
+        # (re)connection, so peers see that we lost Redis (and with it every message
+        # meanwhile) even if we came back within one lease.
+        self.process = codec.process_token(codec.VERSION, secrets.token_hex(8))
         self._epoch = 0
         self.lease = config.cluster_lease
         timeout = max(0.25, min(5.0, self.lease / 2))
@@ -342,8 +342,15 @@ class ClusterPlacement:
         try:
             # The owner pings its binary for up to --conflict-probe-timeout; silence from
             # the owner itself (killed, partitioned) a little longer is a failed probe too.
-            if (await self.store.incarnations([owner]))[owner] is None:
+            incarnation = (await self.store.incarnations([owner]))[owner]
+            if incarnation is None:
                 verdict = None  # the owner's process is gone: nobody to probe
+            elif not codec.speaks_our_format(incarnation):
+                # A release we cannot talk to (a roll across a bus format change): its
+                # silence would read as a dead binary and take a live one over. Come back
+                # later; once that release is drained, its keys are gone.
+                binary.refuse(UNAVAILABLE, REASON_UNAVAILABLE)
+                return
             else:
                 verdict = await self.bus.request(
                     owner, codec.PROBE, sid, within=self._verdict_time()
