@@ -38,7 +38,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -46,6 +45,8 @@ from dataclasses import asdict, dataclass, field
 
 import websockets
 from websockets.asyncio.client import ClientConnection
+
+from pyrycode_relay.bench.ports import free_port
 
 PHONES_PER_GROUP = 8
 ROUND_TRIPS = 4
@@ -298,12 +299,6 @@ async def drive(
 # -- orchestration -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _wait_ready(port: int, proc: asyncio.subprocess.Process | None) -> None:
     async with asyncio.timeout(15):
         while True:
@@ -331,7 +326,7 @@ async def run_soak(
     log_file = None
     grace: float | None = None
     if url is None:
-        port, metrics_port = _free_port(), _free_port()
+        port, metrics_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYRYCODE_RELAY_")}
         env.pop("FLY_APP_NAME", None)
         log_file = tempfile.TemporaryFile()  # noqa: SIM115 (closed after the verdict)

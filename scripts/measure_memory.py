@@ -19,21 +19,16 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
 import sys
 import time
 
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from pyrycode_relay.bench.ports import free_port
+
 PHONES_PER_BINARY = 16
 FRAME = b'{"fill":"' + b"x" * (64 * 1024 - 12) + b'"}'  # a 64 KiB JSON frame
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_bytes(pid: int) -> int:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
 
-from tests.e2e.harness import Relay, free_port, relay_command, relay_env, start_relay
+from pyrycode_relay.bench.ports import free_port
+from tests.e2e.harness import Relay, relay_command, relay_env, start_relay
 
 REDIS_SERVER = shutil.which("redis-server")
 OWNER_KEY = "pyrycode-relay:owner:"

@@ -13,19 +13,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import itertools
 import json
 import os
 import signal
-import socket
 import struct
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import websockets
 from websockets.asyncio.client import ClientConnection
+
+from pyrycode_relay.bench.ports import free_port
 
 # Timers short enough for tests but long enough not to fire by accident on a slow CI box.
 FAST_TIMERS = (
@@ -39,36 +38,6 @@ FAST_TIMERS = (
     "--drain-timeout=3s",
 )
 TOKEN = "secret-device-token-7f3a9c"  # must never appear in the relay's logs
-
-
-def _unassigned_ports() -> range:
-    """Ports below the kernel's ephemeral range. Neither bind(0) nor an outgoing connect()
-    ever picks one, so a port handed out here stays free until the child binds it: an
-    ephemeral port, closed again before the child starts, can be taken meanwhile as some
-    connection's source port (a relay that then fails to bind was a flaky test)."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    return range(10000, max(low, 20000))
-
-
-_PORTS = _unassigned_ports()
-# A start of its own per test process, then never the same port twice in one run.
-_next_port = itertools.count(os.getpid() * 7919 % len(_PORTS))
-
-
-def free_port() -> int:
-    """A loopback port nobody holds, never handed out before in this test run."""
-    for _ in range(len(_PORTS)):
-        port = _PORTS[next(_next_port) % len(_PORTS)]
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue  # some other service's port
-        return port
-    raise AssertionError(f"no free loopback port in {_PORTS}")
 
 
 class Relay:

@@ -16,6 +16,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from pyrycode_relay import __version__
+from pyrycode_relay.bench.ports import free_port
 from tests.e2e.harness import (
     FAST_TIMERS,
     TOKEN,
@@ -24,7 +25,6 @@ from tests.e2e.harness import (
     assert_silent,
     binary,
     closed_with,
-    free_port,
     http_request,
     launch,
     paired,

@@ -22,6 +22,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 
 from pyrycode_relay import __version__
+from pyrycode_relay.bench.ports import free_port
 from pyrycode_relay.cluster import codec
 from tests.e2e.clusterharness import (
     INSTANCE_KEY,
@@ -40,7 +41,6 @@ from tests.e2e.harness import (
     assert_silent,
     binary,
     closed_with,
-    free_port,
     phone,
     raw_read_close,
     recv,

@@ -8,7 +8,8 @@ import socket
 
 import pytest
 
-from tests.e2e.harness import free_port, start_relay
+from pyrycode_relay.bench.ports import free_port
+from tests.e2e.harness import start_relay
 
 
 def test_free_ports_are_distinct_and_outside_the_ephemeral_range() -> None:

@@ -16,7 +16,8 @@ import trustme
 from websockets.asyncio.server import ServerConnection, serve
 
 from pyrycode_relay import __version__
-from tests.e2e.harness import free_port, relay_command, run_command, start_relay
+from pyrycode_relay.bench.ports import free_port
+from tests.e2e.harness import relay_command, run_command, start_relay
 
 STEPS = (
     "binary connect",

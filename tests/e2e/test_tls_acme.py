@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from pyrycode_relay.bench.ports import free_port
 from tests.certs import make_ca, write_leaf
-from tests.e2e.harness import free_port, recv_json, relay_env, run_relay
+from tests.e2e.harness import recv_json, relay_env, run_relay
 from tests.e2e.tlsharness import (
     DOMAIN,
     plain_request,

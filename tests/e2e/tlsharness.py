@@ -15,7 +15,8 @@ from typing import Any
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from tests.e2e.harness import FAST_TIMERS, TOKEN, Relay, free_port, launch, relay_command
+from pyrycode_relay.bench.ports import free_port
+from tests.e2e.harness import FAST_TIMERS, TOKEN, Relay, launch, relay_command
 
 DOMAIN = "localhost"  # resolves to loopback everywhere, so pebble can reach port 80 too
 

@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 from pyrycode_relay import __version__
 from pyrycode_relay.bench import load
+from pyrycode_relay.bench.ports import free_port, free_ports
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -157,19 +158,6 @@ def source_revision() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"git_commit": head, "git_src_dirty": bool(dirty)}
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free loopback ports (held open together while picking them)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 def relay_argv(
