@@ -19,9 +19,8 @@ import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from pyrycode_relay.cluster.codec import REPLY, CodecError, channel, decode_batch, encode_batch
@@ -54,6 +53,7 @@ class Bus:
     def __init__(
         self,
         client: Redis,
+        publisher: Redis,
         instance_id: str,
         incarnation: str,
         *,
@@ -65,6 +65,7 @@ class Bus:
         on_down: Callable[[str], None],
     ) -> None:
         self._client = client
+        self._publisher_client = publisher  # ours: a pool of one connection, closed by close()
         self.me = instance_id
         self.incarnation = incarnation  # sent with every batch; the placement renews it
         self._channel = channel(instance_id)
@@ -115,6 +116,8 @@ class Bus:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._fail_pending()
+        with contextlib.suppress(*FAILURES):
+            await self._publisher_client.aclose()
 
     async def _flushed(self) -> None:
         while self._out or not self._idle.is_set():
@@ -159,56 +162,41 @@ class Bus:
         self.send(dest, (REPLY, req, value))
 
     async def _publish_loop(self) -> None:
-        # One connection of its own, held across rounds: each round is one write of every
-        # PUBLISH queued since the last, then their replies. (A redis-py pipeline per round
-        # cost twice the CPU of the write itself, which dominated at light load.)
-        pool = self._client.connection_pool
-        conn: AbstractConnection | None = None
-        conn_outages = 0  # self._outages when conn was taken: an outage makes it stale
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                out, self._out = self._out, {}
-                self._queued = 0
-                if not out or not self.up:
-                    continue
-                self._idle.clear()
-                commands: list[tuple[str, str, bytes]] = []
-                count = 0
-                for dest, messages in out.items():
-                    for batch in _batches(messages):
-                        payload = encode_batch(self.me, self.incarnation, batch)
-                        commands.append(("PUBLISH", channel(dest), payload))
-                        count += len(batch)
-                try:
-                    # From before an outage (Redis may be new), or closed by Redis while
-                    # idle (its `timeout`; managed services set one): nothing of ours was
-                    # lost on it, so a fresh connection, not an outage. can_read() is
-                    # True at EOF, or with bytes nobody asked for; it makes no syscall.
-                    if conn is not None and (
-                        conn_outages != self._outages or await conn.can_read()
-                    ):
-                        await _drop(pool, conn)
-                        conn = None
-                    if conn is None:
-                        conn_outages = self._outages
-                        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-                    await conn.send_packed_command(conn.pack_commands(commands), False)
-                    for _ in commands:
-                        await conn.read_response()
-                except FAILURES:
-                    if conn is not None:
-                        await _drop(pool, conn)
-                        conn = None
-                    self.fail("publish failed")
+        # Each round is one PUBLISH (one peer) or one non-transactional pipeline (several),
+        # on a pool of one connection of the publisher's own: rounds never queue behind
+        # admissions for a pooled connection, and messages to one peer keep their order.
+        # redis-py hands out a pooled connection only once it is ready to send, so one that
+        # Redis closed while idle (its `timeout`; managed services set one) is replaced
+        # there, before anything of ours is written to it: not an outage.
+        publisher = self._publisher_client
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            out, self._out = self._out, {}
+            self._queued = 0
+            if not out or not self.up:
+                continue
+            self._idle.clear()
+            commands: list[tuple[str, bytes]] = []
+            count = 0
+            for dest, messages in out.items():
+                for batch in _batches(messages):
+                    commands.append((channel(dest), encode_batch(self.me, self.incarnation, batch)))
+                    count += len(batch)
+            try:
+                if len(commands) == 1:
+                    await publisher.publish(*commands[0])
                 else:
-                    self.stats.published += count
-                finally:
-                    self._idle.set()
-        finally:
-            if conn is not None:
-                await _drop(pool, conn)
+                    pipe = publisher.pipeline(transaction=False)
+                    for command in commands:
+                        pipe.publish(*command)
+                    await pipe.execute()
+            except FAILURES:
+                self.fail("publish failed")
+            else:
+                self.stats.published += count
+            finally:
+                self._idle.set()
 
     # -- receiving ------------------------------------------------------------------
 
@@ -241,7 +229,7 @@ class Bus:
             finally:
                 self._pubsub = None
                 with contextlib.suppress(*FAILURES):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
             self._settled.set()
             delay = min(max(delay * 2, BACKOFF_MIN), BACKOFF_MAX)
 
@@ -322,13 +310,6 @@ async def _ping(pubsub: PubSub) -> None:
     # Its PONG reaches the subscriber like a message; a failure here is the subscriber's to see.
     with contextlib.suppress(*FAILURES):
         await pubsub.ping()
-
-
-async def _drop(pool: ConnectionPool, conn: AbstractConnection) -> None:
-    """Hand a publisher connection back closed: its replies may be out of step."""
-    with contextlib.suppress(*FAILURES):
-        await conn.disconnect()
-    await pool.release(conn)
 
 
 def _batches(messages: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:

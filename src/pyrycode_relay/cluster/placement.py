@@ -18,9 +18,9 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from pyrycode_relay.cluster import codec
 from pyrycode_relay.cluster.bus import FAILURES, Bus, BusDown
@@ -166,21 +166,24 @@ class ClusterPlacement:
         self._epoch = 0
         self.lease = config.cluster_lease
         timeout = max(0.25, min(5.0, self.lease / 2))
+        settings: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),  # a failure is reported at once, not retried blind
+            "client_name": f"pyrycode-relay:{self.me}",  # who is who in CLIENT LIST
+        }
         # A bounded pool that makes a burst of admissions queue for a connection (instead
         # of failing once a default limit is hit); one connection stays with the subscriber.
         pool = BlockingConnectionPool.from_url(
-            config.cluster_redis,
-            max_connections=REDIS_CONNECTIONS,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),  # a failure is reported at once, not retried blind
-            client_name=f"pyrycode-relay:{self.me}",  # who is who in CLIENT LIST
+            config.cluster_redis, max_connections=REDIS_CONNECTIONS, timeout=timeout, **settings
         )
         self.client: Redis = Redis.from_pool(pool)
         self.store = OwnershipStore(self.client, self.me, self.lease)
         self.bus = Bus(
             self.client,
+            Redis.from_pool(
+                ConnectionPool.from_url(config.cluster_redis, max_connections=1, **settings)
+            ),
             self.me,
             self.process + "0",
             queue_limit=config.max_buffered_bytes,
@@ -285,6 +288,7 @@ class ClusterPlacement:
             log.warn("cluster_redis_down", instance_id=self.me, err=type(exc).__name__)
         else:
             if not registered:
+                await self.bus.close(0.0)
                 await self.client.aclose()
                 raise BootRefusal(
                     MSG_INSTANCE_LIVE,

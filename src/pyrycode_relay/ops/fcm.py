@@ -107,7 +107,7 @@ def parse_service_account(text: str) -> ServiceAccount:
         raise CredentialsError from None
     if not isinstance(key, RSAPrivateKey):
         raise CredentialsError  # an EC key cannot sign the RS256 assertion Google expects
-    signer = crypt.RSASigner(key, key_id=key_id)  # type: ignore[no-untyped-call]
+    signer = crypt.RSASigner(key, key_id=key_id)
     return ServiceAccount(email, token_uri, signer)
 
 
@@ -233,7 +233,7 @@ class FcmClient:
             "exp": now + ASSERTION_LIFETIME,
         }
         try:
-            assertion: bytes = jwt.encode(account.signer, claims)  # type: ignore[no-untyped-call]
+            assertion: bytes = jwt.encode(account.signer, claims)
             form = urlencode({"grant_type": GRANT_TYPE, "assertion": assertion.decode("ascii")})
             started = time.monotonic()
             async with asyncio.timeout(self._timeout):
