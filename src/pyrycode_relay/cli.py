@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from pyrycode_relay import __version__
 from pyrycode_relay.core.config import Config, ConfigError, HelpRequested, parse_args, usage
+from pyrycode_relay.ops import logbridge
 from pyrycode_relay.ops.boot import ENV_FCM_CREDENTIALS, BootRefusal, check_boot
 from pyrycode_relay.ops.log import Logger
 
@@ -63,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__version__)
         return EXIT_OK
     log = Logger(sys.stderr, config.log_format, config.log_level)
+    logbridge.install(log)  # from here on, every line the process writes is the logger's
     try:
         check_boot(
             config,

@@ -20,7 +20,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
@@ -341,7 +341,13 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def start_cluster(
-    redis: Redis, n: int, *flags: str, lease: str = "1s", prefix: str = "i"
+    redis: Redis,
+    n: int,
+    *flags: str,
+    lease: str = "1s",
+    prefix: str = "i",
+    env: Mapping[str, str] | None = None,
+    ready: str = "msg=starting ",
 ) -> AsyncIterator[Cluster]:
     """`n` relays (started concurrently) on `redis`, instance ids `<prefix>1..<prefix>n`,
     `--cluster-lease=<lease>`, then `flags` (later flags win)."""
@@ -352,6 +358,8 @@ async def start_cluster(
             f"--instance-id={iid}",
             f"--cluster-lease={lease}",
             *flags,
+            env=env,
+            ready=ready,
         )
         for iid in ids
     ]

@@ -47,9 +47,11 @@ class Relay:
         self.proc = proc
         self.port = port
         self.metrics_port = metrics_port
-        self.lines: list[str] = []
+        self.lines: list[str] = []  # its log (stderr)
+        self.stdout_lines: list[str] = []  # nothing, ever: the relay writes only its log
         self._new_line = asyncio.Event()
         self._reader = asyncio.create_task(self._read_stderr())
+        self._stdout_reader = asyncio.create_task(self._read_stdout())
         # Every client a test opened through the harness, closed when the relay stops, so
         # no socket outlives its test (an unclosed one is a ResourceWarning, i.e. an error).
         self.clients: list[ClientConnection] = []
@@ -61,6 +63,11 @@ class Relay:
             self.lines.append(line.decode("utf-8", "replace").rstrip("\n"))
             self._new_line.set()
         self._new_line.set()  # end of output: a waiter learns no line will come
+
+    async def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            self.stdout_lines.append(line.decode("utf-8", "replace").rstrip("\n"))
 
     @property
     def url(self) -> str:
@@ -127,6 +134,7 @@ class Relay:
         async with asyncio.timeout(timeout):
             code = await self.proc.wait()
             await self._reader
+            await self._stdout_reader
         return code
 
 
@@ -153,11 +161,12 @@ async def launch(
 ) -> AsyncIterator[Relay]:
     """Run a relay command line until the block ends: wait for its `ready` log line,
     then kill it, close every client the test opened through the harness, and check
-    the log's hygiene (no device token, no internal error)."""
+    the output's hygiene (no device token, no internal error, no Python warning, nothing
+    on stdout)."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=relay_env(env),
     )
@@ -174,12 +183,18 @@ async def launch(
             await proc.wait()
         with contextlib.suppress(Exception):
             await relay._reader
+        with contextlib.suppress(Exception):
+            await relay._stdout_reader
         for client in relay.clients:
             client.transport.abort()
         for writer in relay.raw_clients:
             writer.transport.abort()
         assert TOKEN not in relay.log, "a device token reached the logs"
         assert "internal error" not in relay.log, relay.log
+        # A dependency's warning is fixed at its cause (pytest's filterwarnings = error, for
+        # the relay's own process).
+        assert "python warning" not in relay.log, relay.log
+        assert not relay.stdout_lines, relay.stdout_lines
 
 
 @contextlib.asynccontextmanager
@@ -188,6 +203,7 @@ async def start_relay(
     env: Mapping[str, str] | None = None,
     timers: Sequence[str] = FAST_TIMERS,
     metrics: bool = True,
+    ready: str = "msg=starting ",
 ) -> AsyncIterator[Relay]:
     """The relay in insecure mode on a free port, short timers, then `flags`."""
     port = free_port()
@@ -195,7 +211,8 @@ async def start_relay(
     args = [f"--insecure-listen=127.0.0.1:{port}", "--max-connections=200", *timers]
     args.append(f"--metrics-listen=127.0.0.1:{metrics_port}" if metrics else "--metrics-listen=")
     args.extend(flags)  # later flags win (Go flag semantics)
-    async with launch(relay_command(*args), port=port, metrics_port=metrics_port, env=env) as r:
+    argv = relay_command(*args)
+    async with launch(argv, port=port, metrics_port=metrics_port, env=env, ready=ready) as r:
         yield r
 
 

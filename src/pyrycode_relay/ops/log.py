@@ -306,6 +306,10 @@ class Logger:
         self._min = lvl
         self._now = now or _local_now
 
+    def enabled(self, level: str) -> bool:
+        """Whether a line at `level` would be written."""
+        return _LEVELS[level] >= self._min
+
     def debug(self, msg: str, **fields: object) -> None:
         self._log(-4, msg, fields)
 
