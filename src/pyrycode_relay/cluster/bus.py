@@ -52,7 +52,7 @@ class BusStats:
 class Bus:
     def __init__(
         self,
-        client: Redis,
+        subscriber: Redis,
         publisher: Redis,
         instance_id: str,
         incarnation: str,
@@ -64,8 +64,11 @@ class Bus:
         on_up: Callable[[], Awaitable[None]],
         on_down: Callable[[str], None],
     ) -> None:
-        self._client = client
-        self._publisher_client = publisher  # ours: a pool of one connection, closed by close()
+        # Both clients are the bus's own, each on a pool of its own, and close() closes them.
+        # The subscriber's connection has no read timeout: it waits for messages as long as
+        # peers are quiet, and keepalive() is what notices a deaf one.
+        self._subscriber_client = subscriber
+        self._publisher_client = publisher
         self.me = instance_id
         self.incarnation = incarnation  # sent with every batch; the placement renews it
         self._channel = channel(instance_id)
@@ -116,8 +119,9 @@ class Bus:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._fail_pending()
-        with contextlib.suppress(*FAILURES):
-            await self._publisher_client.aclose()
+        for client in (self._subscriber_client, self._publisher_client):
+            with contextlib.suppress(*FAILURES):
+                await client.aclose()
 
     async def _flushed(self) -> None:
         while self._out or not self._idle.is_set():
@@ -204,7 +208,7 @@ class Bus:
         while not self._closed:
             if delay:
                 await asyncio.sleep(delay)
-            pubsub = self._client.pubsub()
+            pubsub = self._subscriber_client.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
                 while True:  # the subscription is live once Redis confirms it

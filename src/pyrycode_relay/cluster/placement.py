@@ -172,18 +172,20 @@ class ClusterPlacement:
             "retry": Retry(NoBackoff(), 0),  # a failure is reported at once, not retried blind
             "client_name": f"pyrycode-relay:{self.me}",  # who is who in CLIENT LIST
         }
+        url = config.cluster_redis
         # A bounded pool that makes a burst of admissions queue for a connection (instead
-        # of failing once a default limit is hit); one connection stays with the subscriber.
+        # of failing once a default limit is hit).
         pool = BlockingConnectionPool.from_url(
-            config.cluster_redis, max_connections=REDIS_CONNECTIONS, timeout=timeout, **settings
+            url, max_connections=REDIS_CONNECTIONS, timeout=timeout, **settings
         )
         self.client: Redis = Redis.from_pool(pool)
         self.store = OwnershipStore(self.client, self.me, self.lease)
+        # Two connections: a resubscription may start before the last one handed its
+        # connection back. No read timeout on it (the Bus says why).
+        subscriber = {**settings, "socket_timeout": None}
         self.bus = Bus(
-            self.client,
-            Redis.from_pool(
-                ConnectionPool.from_url(config.cluster_redis, max_connections=1, **settings)
-            ),
+            Redis.from_pool(ConnectionPool.from_url(url, max_connections=2, **subscriber)),
+            Redis.from_pool(ConnectionPool.from_url(url, max_connections=1, **settings)),
             self.me,
             self.process + "0",
             queue_limit=config.max_buffered_bytes,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from pyrycode_relay.core.stats import RelayStats
 
@@ -22,7 +23,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _HANDLER_CODES = ("200", "500", "503")
 
 
-class _RelayCollector:
+class _RelayCollector(Collector):
     """Builds every family from plain values at scrape time; no state of its own."""
 
     def __init__(self, exporter: MetricsExporter) -> None:
