@@ -16,12 +16,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY requirements ./requirements
+COPY scripts/install.sh ./scripts/install.sh
 COPY src ./src
 # The one install command, the same as the README's "Set up" (tests/ops/test_deploy_files.py
-# keeps them identical). Every dependency ships manylinux wheels, so no compiler is needed here
-# either; pip itself is removed from the venv afterwards because nothing installs at run time.
-RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install '.[fast]' \
+# keeps them identical): exactly the versions in requirements/runtime.lock, hashes checked,
+# wheels only, so no compiler is needed and two builds of one commit install the same bytes.
+# pip itself is removed from the venv afterwards because nothing installs at run time.
+RUN bash scripts/install.sh /opt/venv requirements/runtime.lock \
  && /opt/venv/bin/python -m pip uninstall --yes --quiet pip
 
 # --- runtime: the interpreter, the venv, an unprivileged user; no pip, no build tools -------

@@ -155,20 +155,27 @@ def test_dockerfile_runtime_stage_invariants() -> None:
     assert [json.loads(args) for k, args in runtime if k == "ENTRYPOINT"] == [["pyrycode-relay"]]
 
 
-def test_dockerfile_and_readme_share_one_install_command() -> None:
+def install_commands(text: str) -> list[list[str]]:
+    """The arguments of every `scripts/install.sh` call in a shell text."""
+    return [shlex.split(m[1]) for m in re.finditer(r"\bscripts/install\.sh\b([^&;|\n\"]*)", text)]
+
+
+def test_dockerfile_readme_and_operations_share_one_install_command() -> None:
     runs = [args for k, args in dockerfile() if k == "RUN"]
-    docker_installs = [t for run in runs for t in pip_install_targets(run)]
-    assert docker_installs == [[".[fast]"]], "exactly one install step, the README's"
+    assert [t for run in runs for t in pip_install_targets(run)] == [], "only install.sh"
+    assert [c for run in runs for c in install_commands(run)] == [
+        ["/opt/venv", "requirements/runtime.lock"]
+    ]
     setup = readme_setup_commands()
     assert len(setup) == 2, "the README keeps exactly two set-up commands"
-    readme_installs = [t for block in setup for t in pip_install_targets(block)]
-    assert readme_installs == docker_installs
-    # The venv is made the same way too.
-    assert "python3 -m venv" in setup[0] and any("python3 -m venv /opt/venv" in r for r in runs)
+    assert [c for block in setup for c in install_commands(block)] == [[".venv"]]
     ops = (ROOT / "docs" / "operations.md").read_text()
     blocks = re.findall(r"```sh\n(.*?)```", ops, re.S)
-    ops_installs = [t for block in blocks for t in pip_install_targets(block)]
-    assert ops_installs and all(t == [".[fast]"] for t in ops_installs)
+    assert all(pip_install_targets(block) == [] for block in blocks + setup)
+    assert [c for block in blocks for c in install_commands(block)] == [[".venv"], [".venv"]]
+    # install.sh's default lock is the runtime one the image names.
+    script = (ROOT / "scripts" / "install.sh").read_text()
+    assert "lock=${2:-requirements/runtime.lock}" in script
 
 
 def healthcheck_argv() -> list[str]:
