@@ -1,8 +1,8 @@
 """The `pyrycode-relay` command: parse flags, refuse bad boots, serve.
 
-Owns: turning argv + environment into a Config, the exit codes (0 clean, 1 runtime or
-listener failure, 2 configuration refused) and their one-line reasons, and choosing
-the event loop (uvloop when installed).
+Owns: turning argv + environment into a Config, refusing a bad boot (ops.boot), handing the
+rest to `RelayServer` on the event loop it chooses (uvloop when installed), and the exit code
+(ops.refusal.ExitCode) with its one-line reason.
 Must never: print an environment variable's value or any secret.
 """
 
@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from pyrycode_relay import __version__
 from pyrycode_relay.core.config import Config, ConfigError, HelpRequested, parse_args, usage
 from pyrycode_relay.ops import logbridge
-from pyrycode_relay.ops.boot import ENV_FCM_CREDENTIALS, BootRefusal, check_boot
+from pyrycode_relay.ops.boot import ENV_FCM_CREDENTIALS, check_boot
 from pyrycode_relay.ops.log import Logger
-
-EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
+from pyrycode_relay.ops.refusal import ExitCode, Refusal
 
 
 def _proc_status() -> str | None:
@@ -31,13 +30,16 @@ def _proc_status() -> str | None:
 
 
 def _run(config: Config, log: Logger, fcm_credentials: str | None) -> int:
-    from pyrycode_relay.app import serve
+    from pyrycode_relay.server import RelayServer
+
+    async def serve() -> ExitCode:
+        return await RelayServer(config, log, __version__, fcm_credentials).run()
 
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(config, log, __version__, fcm_credentials))
-    return uvloop.run(serve(config, log, __version__, fcm_credentials))
+        return asyncio.run(serve())
+    return uvloop.run(serve())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,15 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = parse_args(args, os.environ)
     except HelpRequested:
         print(usage(), file=sys.stderr)
-        return EXIT_OK
+        return ExitCode.OK
     except ConfigError as exc:
         print(f"pyrycode-relay: {exc}", file=sys.stderr)
         if exc.usage:
             print(usage(), file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     if config.version:
         print(__version__)
-        return EXIT_OK
+        return ExitCode.OK
     log = Logger(sys.stderr, config.log_format, config.log_level)
     logbridge.install(log)  # from here on, every line the process writes is the logger's
     try:
@@ -73,12 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             proc_status=_proc_status(),
             platform=sys.platform,
         )
-    except BootRefusal as refusal:
-        log.record("error", refusal.msg, refusal.fields)
+    except Refusal as refusal:
+        refusal.log(log)
         return refusal.exit_code
     try:
         # The key goes to the push sender only; it is never part of Config (which is printed
         # in errors and tests) nor logged.
         return _run(config, log, os.environ.get(ENV_FCM_CREDENTIALS))
     except KeyboardInterrupt:
-        return EXIT_OK
+        return ExitCode.OK

@@ -4,17 +4,17 @@ Owns: choosing the certificate source (static PEM files from --tls-cert/--tls-ke
 ACME autocert for --domain), the start-up checks that belong to it (a bad static pair →
 exit 2; the cert cache directory policy → exit 1), the listeners a TLS mode opens
 (HTTPS on --https-listen, directly or behind the PROXY v2 front; in ACME mode also the
-port-80 challenge listener on --http-listen), SIGHUP reloads of static files, and the
-ACME background task.
-Must never: validate flags (ops.boot did), drain connections (app.drain does), or log a
-key, a header value or an ACME key authorization.
+port-80 challenge listener on --http-listen), reloading static files (the server calls
+`reload` on SIGHUP), and the ACME background task.
+Must never: validate flags (ops.boot did), handle signals or drain connections (the server
+does), log a refusal (it raises one), or log a key, a header value or an ACME key
+authorization.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -25,28 +25,19 @@ from pyrycode_relay.endpoints.router import MainRouter
 from pyrycode_relay.endpoints.tlsroutes import AcmeHttpRouter, HostGate
 from pyrycode_relay.ops.acme import AcmeSettings, AutoCert
 from pyrycode_relay.ops.boot import parse_listen_address
-from pyrycode_relay.ops.certcache import EXIT_RUNTIME, CertCacheRefusal, prepare_cert_cache
+from pyrycode_relay.ops.certcache import CertCacheRefusal, prepare_cert_cache
 from pyrycode_relay.ops.log import Logger
+from pyrycode_relay.ops.refusal import ExitCode, Refusal
 from pyrycode_relay.transport.connection import Connection, ConnSettings, Router
 from pyrycode_relay.transport.proxy import parse_allowlist
 from pyrycode_relay.transport.proxyfront import ProxiedConnection, ProxyListener, bind_sockets
 from pyrycode_relay.transport.tls import CertificateError, CertSwitch, TlsConnection, load_pair
-
-EXIT_CONFIG = 2
 
 
 class Listener(Protocol):
     """What the drain needs from a listener (asyncio.Server, ProxyListener)."""
 
     def close(self) -> None: ...
-
-
-class TlsRefusal(Exception):
-    """Start-up refused after logging why; exit with `exit_code`."""
-
-    def __init__(self, exit_code: int) -> None:
-        super().__init__(exit_code)
-        self.exit_code = exit_code
 
 
 class TlsFrontEnd:
@@ -79,15 +70,15 @@ class TlsFrontEnd:
         return "static-tls" if self.static else "autocert"
 
     def prepare(self) -> None:
-        """Start-up checks (blocking file access is fine before serving). Raises
-        TlsRefusal after logging the reason."""
+        """Start-up checks (blocking file access is fine before serving); raises Refusal."""
         config = self.config
         if self.static:
             try:
                 cert = load_pair(config.tls_cert, config.tls_key)
             except CertificateError as exc:
-                self.log.error("refusing to start: invalid TLS certificate", reason=str(exc))
-                raise TlsRefusal(EXIT_CONFIG) from None
+                raise Refusal(
+                    "refusing to start: invalid TLS certificate", {"reason": str(exc)}
+                ) from None
             self.switch.install(cert)
             self.log.info("tls certificate loaded", serial=cert.serial_hex)
             return
@@ -96,8 +87,11 @@ class TlsFrontEnd:
                 config.cert_cache, euid=os.geteuid(), platform=sys.platform
             )
         except CertCacheRefusal as exc:
-            self.log.error("refusing to start: cert cache", path=config.cert_cache, reason=str(exc))
-            raise TlsRefusal(EXIT_RUNTIME) from None
+            raise Refusal(
+                "refusing to start: cert cache",
+                {"path": config.cert_cache, "reason": str(exc)},
+                exit_code=ExitCode.RUNTIME,
+            ) from None
         if tightened is not None:
             self.log.info(
                 "tightened cert cache dir perms",
@@ -152,14 +146,12 @@ class TlsFrontEnd:
         )
 
     def start(self) -> None:
-        """After the listeners are up: ACME issuance/renewal, or SIGHUP reloads."""
-        loop = asyncio.get_running_loop()
+        """After the listeners are up: ACME issuance and renewal."""
         if self.autocert is not None:
-            self._task = loop.create_task(self.autocert.run())
-        else:
-            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            self._task = asyncio.get_running_loop().create_task(self.autocert.run())
 
-    def _on_sighup(self) -> None:
+    def reload(self) -> None:
+        """Static files: load them again (off the loop) and serve them if they are good."""
         task = asyncio.get_running_loop().create_task(self._reload())
         self._reloads.add(task)
         task.add_done_callback(self._reloads.discard)
@@ -177,8 +169,6 @@ class TlsFrontEnd:
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        if self.static:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
 
 
 async def _plain(

@@ -346,6 +346,28 @@ async def test_drain_deadline_with_unresponsive_peer() -> None:  # I84 (§11 ste
         raw.close()
 
 
+HANGUP = 'msg="reload signal received; nothing to reload" signal=SIGHUP'
+
+
+async def test_sighup_is_logged_once_and_never_fatal() -> None:
+    # Like nginx and Caddy, SIGHUP means "reload": only static TLS has something to reload
+    # (test_tls_static.py); in insecure mode the relay says so and serves on, pairs intact.
+    async with start_relay() as relay:
+        b, p, cid = await paired(relay, "s1")
+        for n in (1, 2):
+            relay.proc.send_signal(signal.SIGHUP)
+            async with asyncio.timeout(5):
+                while relay.count_log(HANGUP) < n:
+                    await relay.wait_log(HANGUP)
+                    await asyncio.sleep(0.01)
+        assert relay.count_log(HANGUP + " mode=insecure") == 2
+        await b.send(json.dumps({"conn_id": cid, "frame": {"after": "hup"}}))
+        assert await recv_json(p) == {"after": "hup"}
+        assert relay.proc.returncode is None
+        assert await relay.stop(signal.SIGTERM) == 0
+        assert relay.count_log("shutdown signal received") == 1
+
+
 async def test_sigterm_without_connections() -> None:  # I85, I73 (insecure alone serves)
     async with start_relay() as relay:
         status, _, _ = await relay.http("GET", "/healthz")

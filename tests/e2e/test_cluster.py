@@ -765,6 +765,22 @@ async def test_quiet_pair_outlives_redis_closing_idle_clients() -> None:
             assert (await r.metrics())[REDIS_UP] == 1
 
 
+async def test_sighup_is_logged_once_and_never_fatal() -> None:
+    async with redis_server() as redis, start_cluster(redis, 2) as c:
+        r1, r2 = c.relays
+        b = await claim(c, r1)
+        p, cid = await join(r2, b)
+        for r in c.relays:
+            r.proc.send_signal(signal.SIGHUP)
+            line = await r.wait_log("reload signal received")
+            assert "signal=SIGHUP mode=insecure" in line
+        await round_trip(b, p, cid, "after-hup")
+        for r in c.relays:
+            assert r.count_log("reload signal received") == 1
+            assert r.count_log("cluster_redis_down") == 0
+            assert r.proc.returncode is None
+
+
 async def test_redis_unreachable_at_boot_then_arrives() -> None:
     # The contract says both "Redis unreachable at boot -> the relay still starts (local
     # pairs work)" and "New claims of ids not held locally -> 1013". At boot nothing is

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import ssl
 import stat
 from collections.abc import AsyncIterator
@@ -202,6 +203,25 @@ async def boot_with_cache(cache: Path) -> str:
     async with start_tls_relay(*flags) as relay:
         assert await relay.stop() == 0
         return relay.log
+
+
+async def test_sighup_is_logged_once_and_never_fatal(tmp_path: Path) -> None:
+    # Nothing to reload in ACME mode (renewal is the relay's own): one line, and it serves on.
+    http_port = free_port()
+    flags = [
+        f"--domain={DOMAIN}",
+        f"--http-listen=127.0.0.1:{http_port}",
+        f"--cert-cache={tmp_path / 'certs'}",
+        f"--acme-directory=https://127.0.0.1:{free_port()}/dir",
+    ]
+    async with start_tls_relay(*flags) as relay:
+        relay.proc.send_signal(signal.SIGHUP)
+        line = await relay.wait_log("reload signal received")
+        assert "signal=SIGHUP mode=autocert" in line
+        status, _ = await plain_request(http_port, "/", DOMAIN)  # still serving
+        assert status == 404
+        assert await relay.stop() == 0
+        assert relay.count_log("reload signal received") == 1
 
 
 async def test_cache_missing_is_created_0700(tmp_path: Path) -> None:

@@ -6,13 +6,13 @@ from pyrycode_relay.core.config import Config, parse_args
 from pyrycode_relay.ops.boot import (
     ALLOWED_FIELD_KEYS,
     CAPABILITY_NAMES,
-    BootRefusal,
     capability_names,
     check_boot,
     is_loopback_listen_address,
     parse_cap_eff,
     parse_listen_address,
 )
+from pyrycode_relay.ops.refusal import Refusal
 from tests.e2e.fake_google import service_account
 
 INSECURE = ["--insecure-listen", "127.0.0.1:8080"]
@@ -49,8 +49,8 @@ def refusal(
     euid: int = 1000,
     proc_status: str | None = NO_CAPS,
     platform: str = "linux",
-) -> BootRefusal:
-    with pytest.raises(BootRefusal) as info:
+) -> Refusal:
+    with pytest.raises(Refusal) as info:
         boot(config, env, euid=euid, proc_status=proc_status, platform=platform)
     r = info.value
     assert r.exit_code == 2
@@ -483,8 +483,8 @@ def test_order_caps_before_metrics() -> None:
 
 def test_refusal_rejects_unlisted_log_keys() -> None:
     with pytest.raises(ValueError):
-        BootRefusal("refusing to start: x", {"token": "nope"})
-    r = BootRefusal("refusing to start: x", {"reason": "r"})
+        Refusal("refusing to start: x", {"token": "nope"})
+    r = Refusal("refusing to start: x", {"reason": "r"})
     assert (r.msg, r.fields, r.exit_code) == ("refusing to start: x", {"reason": "r"}, 2)
 
 

@@ -27,8 +27,9 @@ from pyrycode_relay.cluster.bus import FAILURES, Bus, BusDown
 from pyrycode_relay.cluster.store import InstanceIdTaken, OwnershipStore
 from pyrycode_relay.core.envelope import close_notice
 from pyrycode_relay.core.registry import Register
-from pyrycode_relay.ops.boot import MSG_INSTANCE_LIVE, BootRefusal
+from pyrycode_relay.ops.boot import MSG_INSTANCE_LIVE
 from pyrycode_relay.ops.metrics import ClusterFigures
+from pyrycode_relay.ops.refusal import Refusal
 
 if TYPE_CHECKING:
     from pyrycode_relay.endpoints.client import PhoneSession
@@ -292,7 +293,7 @@ class ClusterPlacement:
             if not registered:
                 await self.bus.close(0.0)
                 await self.client.aclose()
-                raise BootRefusal(
+                raise Refusal(
                     MSG_INSTANCE_LIVE,
                     {
                         "value": self.me,

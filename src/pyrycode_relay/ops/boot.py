@@ -3,7 +3,7 @@
 Owns: the reference's refusal order (§9.3 steps 2-9, 11, 13; step 5 includes validating the
 PYRYCODE_RELAY_FCM_CREDENTIALS key), its log event names and reasons,
 the Linux capability allowlist and listener-address parsing. Must never: log (the caller logs
-`BootRefusal.msg` with `BootRefusal.fields`), read the process state itself (euid, /proc and the
+the `Refusal`), read the process state itself (euid, /proc and the
 platform are passed in so every branch is testable), or put an environment variable's value into
 a refusal — only names.
 
@@ -22,16 +22,16 @@ from collections.abc import Mapping
 from typing import Final
 
 from pyrycode_relay.core.config import Config
+from pyrycode_relay.ops.refusal import Refusal
 from pyrycode_relay.transport.proxy import parse_allowlist
-
-EXIT_CONFIG_REFUSED: Final = 2
 
 ENV_PRODUCTION: Final = "PYRYCODE_RELAY_PRODUCTION"
 ENV_SINGLE_INSTANCE: Final = "PYRYCODE_RELAY_SINGLE_INSTANCE"
 ENV_FLY_APP_NAME: Final = "FLY_APP_NAME"
 ENV_FCM_CREDENTIALS: Final = "PYRYCODE_RELAY_FCM_CREDENTIALS"
 
-# The only keys a refusal may carry into the log (reference §13, keys used by main.go).
+# The keys the reference's boot refusals carry (§13, keys used by main.go): every refusal
+# raised here keeps to them (tests/ops/test_boot.py).
 ALLOWED_FIELD_KEYS: Final = frozenset(
     {"reason", "env_var", "fix", "value", "effective_uid", "addr", "bypass_env_var", "mode"}
 )
@@ -196,27 +196,6 @@ _FIX_METRICS: Final = (
 _HEX: Final = re.compile(r"[0-9a-fA-F]+")
 
 
-class BootRefusal(Exception):
-    """The configuration is refused at boot; log `msg` with `fields` and exit `exit_code`."""
-
-    def __init__(
-        self,
-        msg: str,
-        fields: Mapping[str, str] | None = None,
-        *,
-        exit_code: int = EXIT_CONFIG_REFUSED,
-    ) -> None:
-        fields = dict(fields or {})
-        unknown = set(fields) - ALLOWED_FIELD_KEYS
-        if unknown:
-            # A programming error: a new key must be added to the log allowlist deliberately.
-            raise ValueError(f"log keys not allowlisted: {sorted(unknown)}")
-        super().__init__(msg)
-        self.msg = msg
-        self.fields: dict[str, str] = fields
-        self.exit_code = exit_code
-
-
 def check_boot(
     config: Config,
     environ: Mapping[str, str],
@@ -225,7 +204,7 @@ def check_boot(
     proc_status: str | None,
     platform: str,
 ) -> None:
-    """Raise BootRefusal for the first refused condition, in the reference's order.
+    """Raise Refusal for the first refused condition, in the reference's order.
 
     `proc_status` is the text of /proc/self/status (None if unreadable); `platform` is
     `sys.platform`.
@@ -234,7 +213,7 @@ def check_boot(
     static = config.tls_cert != "" or config.tls_key != ""
 
     if not insecure and config.domain == "" and not static:
-        raise BootRefusal(MSG_NO_MODE)
+        raise Refusal(MSG_NO_MODE)
 
     cluster = config.cluster_redis != ""
     if cluster or "instance-id" in config.explicit or "cluster-lease" in config.explicit:
@@ -248,12 +227,12 @@ def check_boot(
                     if flag in _REFERENCE_TLS_ONLY_FLAGS
                     else f"refusing to start: --insecure-listen is mutually exclusive with --{flag}"
                 )
-                raise BootRefusal(msg, {"value": f"--{flag}", "fix": _FIX_INSECURE_EXCLUSIVE})
+                raise Refusal(msg, {"value": f"--{flag}", "fix": _FIX_INSECURE_EXCLUSIVE})
     else:
         _check_tls_flags(config, static)
 
     if config.max_connections <= 0:
-        raise BootRefusal(
+        raise Refusal(
             MSG_MAX_CONNECTIONS,
             {
                 "reason": REASON_CONN_CAP,
@@ -266,7 +245,7 @@ def check_boot(
     # "not production". The value is never echoed (the reference does; we never log env values).
     for name in (ENV_PRODUCTION, ENV_SINGLE_INSTANCE):
         if name in environ and environ[name] != "1":
-            raise BootRefusal(
+            raise Refusal(
                 MSG_ENV,
                 {
                     "env_var": name,
@@ -287,7 +266,7 @@ def check_boot(
         and environ.get(ENV_FLY_APP_NAME, "") != ""
         and environ.get(ENV_SINGLE_INSTANCE) != "1"
     ):
-        raise BootRefusal(
+        raise Refusal(
             MSG_MULTI_INSTANCE,
             {
                 "reason": REASON_MULTI_INSTANCE,
@@ -297,13 +276,13 @@ def check_boot(
         )
 
     if production and insecure:
-        raise BootRefusal(
+        raise Refusal(
             MSG_PRODUCTION,
             {"reason": REASON_INSECURE_PROD, "env_var": ENV_PRODUCTION, "fix": _FIX_INSECURE_PROD},
         )
 
     if production and euid == 0:
-        raise BootRefusal(
+        raise Refusal(
             MSG_PRODUCTION,
             {
                 "reason": REASON_ROOT_PROD,
@@ -318,7 +297,7 @@ def check_boot(
         _check_capabilities(proc_status)
 
     if config.metrics_listen != "" and not is_loopback_listen_address(config.metrics_listen):
-        raise BootRefusal(
+        raise Refusal(
             MSG_METRICS_LISTEN,
             {"reason": REASON_METRICS, "addr": config.metrics_listen, "fix": _FIX_METRICS},
         )
@@ -333,7 +312,7 @@ def check_boot(
         try:
             parse_listen_address(addr)
         except ValueError as exc:
-            raise BootRefusal(MSG_LISTENER, {"reason": str(exc), "addr": addr}) from None
+            raise Refusal(MSG_LISTENER, {"reason": str(exc), "addr": addr}) from None
 
 
 def _check_cluster_flags(config: Config) -> None:
@@ -341,13 +320,13 @@ def _check_cluster_flags(config: Config) -> None:
     echoed: it may carry a password."""
     if config.cluster_redis == "":
         if "instance-id" in config.explicit:
-            raise BootRefusal(MSG_INSTANCE_ID_ALONE, {"fix": _FIX_INSTANCE_ID_ALONE})
-        raise BootRefusal(MSG_CLUSTER_LEASE_ALONE, {"fix": _FIX_CLUSTER_LEASE_ALONE})
+            raise Refusal(MSG_INSTANCE_ID_ALONE, {"fix": _FIX_INSTANCE_ID_ALONE})
+        raise Refusal(MSG_CLUSTER_LEASE_ALONE, {"fix": _FIX_CLUSTER_LEASE_ALONE})
     reason = redis_url_problem(config.cluster_redis)
     if reason is not None:
-        raise BootRefusal(MSG_CLUSTER_REDIS, {"reason": reason, "fix": _FIX_CLUSTER_REDIS})
+        raise Refusal(MSG_CLUSTER_REDIS, {"reason": reason, "fix": _FIX_CLUSTER_REDIS})
     if "instance-id" in config.explicit and not _INSTANCE_ID.fullmatch(config.instance_id):
-        raise BootRefusal(
+        raise Refusal(
             MSG_INSTANCE_ID,
             {
                 "reason": "relay: instance id has a character or length outside the allowed set",
@@ -387,7 +366,7 @@ def _check_fcm_credentials(value: str) -> None:
     try:
         parse_service_account(value)
     except CredentialsError:
-        raise BootRefusal(
+        raise Refusal(
             MSG_ENV,
             {
                 "env_var": ENV_FCM_CREDENTIALS,
@@ -401,21 +380,21 @@ def _check_tls_flags(config: Config, static: bool) -> None:
     """Flag rules of the TLS modes (ours; the reference has only autocert)."""
     if static:
         if config.tls_cert == "" or config.tls_key == "":
-            raise BootRefusal(MSG_TLS_PAIR, {"fix": _FIX_TLS_PAIR})
+            raise Refusal(MSG_TLS_PAIR, {"fix": _FIX_TLS_PAIR})
         for flag in _ACME_ONLY_FLAGS:
             if flag in config.explicit:
-                raise BootRefusal(
+                raise Refusal(
                     MSG_STATIC_EXCLUSIVE, {"value": f"--{flag}", "fix": _FIX_STATIC_EXCLUSIVE}
                 )
     if "proxy-protocol-allow" in config.explicit and not config.https_proxy_protocol:
-        raise BootRefusal(
+        raise Refusal(
             MSG_PROXY_ALLOW,
             {"reason": "relay: --proxy-protocol-allow needs --https-proxy-protocol"},
         )
     try:
         parse_allowlist(config.proxy_protocol_allow)
     except ValueError as exc:
-        raise BootRefusal(MSG_PROXY_ALLOW, {"reason": f"relay: {exc}"}) from None
+        raise Refusal(MSG_PROXY_ALLOW, {"reason": f"relay: {exc}"}) from None
 
 
 def _check_capabilities(proc_status: str | None) -> None:
@@ -430,12 +409,12 @@ def _check_capabilities(proc_status: str | None) -> None:
             unexpected = mask & ~_ALLOWED_CAP_MASK
             if unexpected == 0:
                 return
-            raise BootRefusal(
+            raise Refusal(
                 MSG_CAPS,
                 {"reason": REASON_CAPS, "value": capability_names(unexpected), "fix": _FIX_CAPS},
             )
     # Unreadable or unparsable /proc is refused too: the allowlist must not fail open.
-    raise BootRefusal(MSG_CAPS, {"reason": reason, "fix": _FIX_CAPS})
+    raise Refusal(MSG_CAPS, {"reason": reason, "fix": _FIX_CAPS})
 
 
 def parse_cap_eff(proc_status: str) -> int:

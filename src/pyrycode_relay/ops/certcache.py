@@ -3,8 +3,8 @@
 Owns: creating the cache directory 0700, accepting a private one, tightening a
 group/other-readable directory the relay itself owns (Fly volumes mount 0755), and
 refusing anything else — another owner's readable directory, an unknown owner
-(non-Linux), or a path that is not a directory. Refusal is exit 1 (a runtime condition
-of the host, not a configuration error), as in the reference.
+(non-Linux), or a path that is not a directory. The TLS front end makes a refusal exit 1
+(a runtime condition of the host, not a configuration error), as in the reference.
 Must never: log (the caller logs the returned outcome), follow the policy loosely on
 failure (an error while checking is a refusal), or touch files inside the directory.
 """
@@ -16,14 +16,13 @@ import stat
 from dataclasses import dataclass
 from typing import Final
 
-EXIT_RUNTIME: Final = 1
 PRIVATE_MODE: Final = 0o700
 REASON_INSECURE: Final = "relay: cert cache dir has insecure permissions (must be 0700)"
 REASON_NOT_DIR: Final = "relay: cert cache path exists and is not a directory"
 
 
 class CertCacheRefusal(Exception):
-    """The cache directory cannot be used; exit EXIT_RUNTIME with this one-line reason."""
+    """The cache directory cannot be used, for this one-line reason."""
 
 
 @dataclass(frozen=True, slots=True)

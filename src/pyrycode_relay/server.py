@@ -1,0 +1,284 @@
+"""The relay process from start-up to exit: one owner for its whole lifecycle.
+
+Owns: building what serves (the push sender, the `Relay`, the cluster placement, the TLS front
+end), opening every listener, the signals (SIGTERM and SIGINT start the drain, a second one is
+ignored; SIGHUP reloads a static certificate and is otherwise logged and ignored, never fatal),
+the periodic rate-limiter sweep, the bounded drain (every WebSocket closed 1001 `shutting
+down` within --drain-timeout), and the exit code. Everything started is undone on one
+`AsyncExitStack`, in reverse order, however start-up or serving ends.
+Must never: validate flags (ops.boot did) or touch frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from pyrycode_relay.core.config import Config
+from pyrycode_relay.endpoints.relay import Relay
+from pyrycode_relay.endpoints.router import MainRouter, MetricsRouter
+from pyrycode_relay.ops.boot import (
+    ENV_FCM_CREDENTIALS,
+    MSG_ENV,
+    REASON_FCM_CREDENTIALS,
+    parse_listen_address,
+)
+from pyrycode_relay.ops.log import Logger
+from pyrycode_relay.ops.metrics import MetricsExporter
+from pyrycode_relay.ops.push import PushSender, build_sender
+from pyrycode_relay.ops.refusal import ExitCode, Refusal
+from pyrycode_relay.tlsmode import Listener, TlsFrontEnd
+from pyrycode_relay.transport.connection import Connection, ConnSettings, Router
+
+if TYPE_CHECKING:
+    from pyrycode_relay.cluster.placement import ClusterPlacement
+
+RATE_LIMIT_SWEEP_SECONDS = 300.0  # reference §8.3
+
+
+class LiveConnections(set[Connection]):
+    """Every open TCP connection; the drain waits for it to empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._empty: asyncio.Event | None = None
+
+    def discard(self, conn: object) -> None:
+        super().discard(conn)
+        if not self and self._empty is not None:
+            self._empty.set()
+
+    async def wait_empty(self) -> None:
+        if self:
+            self._empty = asyncio.Event()
+            await self._empty.wait()
+
+
+class ListenerFailed(Exception):
+    """A listener could not be opened (exit 1, like the reference)."""
+
+    def __init__(self, address: str, err: str) -> None:
+        super().__init__(address, err)
+        self.address = address
+        self.err = err
+
+
+class RelayServer:
+    """One relay process's start-up, serving and shutdown.
+
+    Concurrency: everything runs on the event loop's thread; `run` is awaited once, and
+    signal handlers only set the stop event or schedule a reload task.
+    """
+
+    def __init__(
+        self, config: Config, log: Logger, version: str, fcm_credentials: str | None = None
+    ) -> None:
+        self.config = config
+        self.log = log
+        self.version = version
+        self._fcm_credentials = fcm_credentials
+        self._stop = asyncio.Event()
+        self._tls: TlsFrontEnd | None = None
+        self._cluster: ClusterPlacement | None = None
+
+    async def run(self) -> ExitCode:
+        """Serve until SIGTERM/SIGINT, then drain. A refusal or a listener that cannot be
+        opened ends start-up with its exit code, after everything started is undone."""
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._internal_error)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await self._start(stack)
+            except Refusal as refusal:
+                refusal.log(self.log)
+                return refusal.exit_code
+            except ListenerFailed as failed:
+                self.log.error("listener failed", addr=failed.address, err=failed.err)
+                self.log.error("listener error; draining")
+                return ExitCode.RUNTIME
+            await self._stop.wait()
+            self.log.info("shutdown signal received; draining")
+            # Leaving the block stops the TLS tasks and the sweeper, drains, hands this
+            # instance's ids back to the cluster and closes the push sender, in that order.
+        return ExitCode.OK
+
+    # -- start-up: each step pushes its own undo --------------------------------------
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
+        config, log = self.config, self.log
+        relay = Relay(config, log, self.version, self._push_sender())
+        # Last to run: after the drain, as the reference does; cancels in-flight sends.
+        stack.push_async_callback(relay.push.close)
+        if config.cluster_redis:
+            # Imported here: a single instance never loads the Redis client.
+            from pyrycode_relay.cluster.placement import ClusterPlacement
+
+            cluster = ClusterPlacement(relay)
+            relay.placement = cluster
+            await cluster.start()  # before any listener: nothing is admitted half-ready
+            self._cluster = cluster
+        stack.push_async_callback(relay.placement.stop)  # hands our ids back
+        # Before `starting` is logged: whoever waits for that line may signal at once. Until
+        # the very end, so a signal during the drain is still ours, not the default's.
+        self._handle_signals(stack)
+        if not config.insecure_listen:
+            self._tls = TlsFrontEnd(config, log, self.version)
+            self._tls.prepare()
+        live = LiveConnections()
+        servers = await self._open_listeners(relay, live)
+        stack.push_async_callback(self._drain, relay, servers, live)
+        if self._tls is not None:
+            self._tls.start()
+            stack.callback(self._tls.close)
+        self._sweep_rate_limiter(relay, stack)
+        if not relay.push.enabled:
+            log.info("push off: PYRYCODE_RELAY_FCM_CREDENTIALS unset")
+        log.record("info", "starting", self._starting_fields())
+
+    def _push_sender(self) -> PushSender | None:
+        if self._fcm_credentials is None:
+            return None
+        try:
+            return build_sender(self._fcm_credentials, self.config.fcm_endpoint)
+        except ValueError:
+            # Reference §9.3 step 10; ops.boot already validated the key, so not expected.
+            raise Refusal(
+                MSG_ENV, {"env_var": ENV_FCM_CREDENTIALS, "reason": REASON_FCM_CREDENTIALS}
+            ) from None
+
+    def _handle_signals(self, stack: contextlib.AsyncExitStack) -> None:
+        loop = asyncio.get_running_loop()
+        handlers = {
+            signal.SIGTERM: self._stop.set,  # a second one finds the event set: ignored
+            signal.SIGINT: self._stop.set,
+            signal.SIGHUP: self._on_hangup,
+        }
+        for signum, handler in handlers.items():
+            loop.add_signal_handler(signum, handler)
+            stack.callback(loop.remove_signal_handler, signum)
+
+    def _on_hangup(self) -> None:
+        tls = self._tls
+        if tls is not None and tls.static:
+            tls.reload()
+            return
+        # Like nginx or Caddy, SIGHUP means "reload"; no other mode has a file to reload.
+        self.log.info("reload signal received; nothing to reload", signal="SIGHUP", mode=self.mode)
+
+    @property
+    def mode(self) -> str:
+        return "insecure" if self._tls is None else self._tls.mode
+
+    async def _open_listeners(self, relay: Relay, live: LiveConnections) -> list[Listener]:
+        """Every listener, in bind order; on a failure the ones already open are closed."""
+        config = self.config
+        settings = ConnSettings.from_config(config)
+        openers: list[tuple[str, Callable[[], Awaitable[Listener]]]] = []
+        if self._tls is None:
+            router = MainRouter(relay)
+            address = config.insecure_listen
+            openers.append((address, lambda: _listen(address, router, settings, live)))
+        else:
+            openers.extend(self._tls.listeners(relay, settings, live))
+        if config.metrics_listen:
+            exporter = MetricsExporter(
+                relay.stats,
+                relay.placement.counts,
+                lambda: relay.budget.used,
+                relay.push.outcomes if relay.push.enabled else None,
+                tasks=lambda: len(asyncio.all_tasks()),
+                cluster=None if self._cluster is None else self._cluster.figures,
+            )
+            metrics = MetricsRouter(exporter)
+            address = config.metrics_listen
+
+            async def open_metrics() -> Listener:
+                self.log.info("starting metrics listener", addr=config.metrics_listen)
+                return await _listen(config.metrics_listen, metrics, settings, live)
+
+            openers.append((address, open_metrics))
+        servers: list[Listener] = []
+        for address, open_listener in openers:
+            try:
+                servers.append(await open_listener())
+            except OSError as exc:
+                for server in servers:
+                    server.close()
+                raise ListenerFailed(address, exc.strerror or type(exc).__name__) from None
+        return servers
+
+    def _sweep_rate_limiter(self, relay: Relay, stack: contextlib.AsyncExitStack) -> None:
+        loop = asyncio.get_running_loop()
+        sweeper: asyncio.TimerHandle
+
+        def sweep() -> None:
+            nonlocal sweeper
+            relay.limiter.sweep()
+            sweeper = loop.call_later(RATE_LIMIT_SWEEP_SECONDS, sweep)
+
+        def stop() -> None:
+            sweeper.cancel()  # whichever handle is current by then
+
+        sweeper = loop.call_later(RATE_LIMIT_SWEEP_SECONDS, sweep)
+        stack.callback(stop)
+
+    def _starting_fields(self) -> dict[str, object]:
+        config = self.config
+        fields: dict[str, object]
+        if self._tls is None:
+            fields = {"version": self.version, "mode": "insecure", "listen": config.insecure_listen}
+        else:
+            fields = {
+                "version": self.version,
+                "mode": self._tls.mode,
+                "listen": config.https_listen,
+                "domain": config.domain,
+                "https_proxy_protocol": config.https_proxy_protocol,
+            }
+        if self._cluster is not None:
+            fields["cluster"] = self._cluster.me
+        return fields
+
+    # -- shutdown ---------------------------------------------------------------------
+
+    async def _drain(self, relay: Relay, servers: list[Listener], live: LiveConnections) -> None:
+        """Refuse new connections, close every WebSocket 1001, wait up to --drain-timeout."""
+        relay.shutting_down = True
+        for server in servers:
+            server.close()
+        for conn in list(live):
+            handler = conn.handler
+            if handler is None:
+                conn.abort()  # still reading a request head: nothing to say goodbye to
+            else:
+                handler.shutdown()
+        try:
+            await asyncio.wait_for(live.wait_empty(), self.config.drain_timeout)
+        except TimeoutError:
+            for conn in list(live):
+                conn.abort()
+            self.log.warn("shutdown deadline exceeded; force-closed listeners")
+            self.log.warn("drain incomplete")
+            return
+        self.log.info("shutdown complete")
+
+    def _internal_error(self, _loop: object, context: dict[str, object]) -> None:
+        """A bug in a callback: one allowlisted line (the exception type only — its text or a
+        traceback could carry peer data), instead of asyncio's default traceback dump."""
+        exc = context.get("exception")
+        self.log.error("internal error", err=type(exc).__name__ if exc is not None else "unknown")
+
+
+async def _listen(
+    address: str, router: Router, settings: ConnSettings, live: LiveConnections
+) -> asyncio.Server:
+    host, port = parse_listen_address(address)
+    loop = asyncio.get_running_loop()
+
+    def factory() -> Connection:
+        return Connection(router, settings, live)
+
+    return await loop.create_server(factory, host or None, port, backlog=4096)
