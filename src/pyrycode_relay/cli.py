@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pyrycode_relay.ops.probe import main as probe_main
 
         return probe_main(args[1:])
-    if args[:1] == ["bench"]:  # tooling subcommand (issue 5): load and measurement
+    if args[:1] == ["bench"]:  # tooling subcommand: load and measurement
         from pyrycode_relay.bench.main import main as bench_main
 
         return bench_main(args[1:])

@@ -1,4 +1,4 @@
-"""The soak test's short form (issue 8): churn, then fds, tasks and RSS back at baseline.
+"""The soak test's short form: churn, then fds, tasks and RSS back at baseline.
 
 The long form is `python bench/soak.py --seconds 600 --connections 200`; its figures are
 in docs/decisions/0009-hostile-peers-and-leak-checks.md.

@@ -1,4 +1,4 @@
-"""Fuzzing the envelope codec (issue 8), beyond tests/core/test_envelope.py.
+"""Fuzzing the envelope codec, beyond tests/core/test_envelope.py.
 
 test_envelope.py covers short arbitrary bytes and well-formed envelopes. Here: large
 arbitrary inputs, structured near-valid envelopes (every key with every JSON type,
@@ -135,7 +135,7 @@ def test_mutated_envelopes_only_envelope_error(data: bytes) -> None:
     ],
 )
 def test_invalid_utf8_inside_strings_is_malformed(data: bytes) -> None:
-    # Regression (issue 8): msgspec raises UnicodeDecodeError for invalid UTF-8 inside a
+    # Regression: msgspec raises UnicodeDecodeError for invalid UTF-8 inside a
     # string field it decodes; it escaped the decoder and, from a binary-opcode frame,
     # tore down the binary's connection instead of dropping one envelope (§7.7).
     with pytest.raises(EnvelopeError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from pyrycode_relay.core.clock import ManualClock
 from pyrycode_relay.core.push_admission import (
     ERR_EMPTY_TOKEN,
     ERR_IN_FLIGHT,
@@ -15,6 +14,7 @@ from pyrycode_relay.core.push_admission import (
     PushAdmission,
     parse_push_wake,
 )
+from tests.clock import ManualClock
 
 GOOD = b'{"platform":"fcm","token":"T"}'
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from pyrycode_relay.core.clock import ManualClock
 from pyrycode_relay.core.ratelimit import TokenBucketLimiter
+from tests.clock import ManualClock
 
 
 def make(burst: int = 20, interval: float = 6.0) -> tuple[TokenBucketLimiter, ManualClock]:

@@ -582,7 +582,7 @@ async def test_two_binaries_race_for_one_server_id() -> None:
 
 
 async def test_binary_opcode_envelopes_with_invalid_utf8_are_dropped() -> None:
-    # Regression (issue 8): invalid UTF-8 inside an envelope's string (a binary-opcode
+    # Regression: invalid UTF-8 inside an envelope's string (a binary-opcode
     # frame escapes the transport's UTF-8 check) raised UnicodeDecodeError out of the
     # decoder: the binary was torn down (1006) with an "internal error" log line, instead
     # of the envelope being dropped and the binary staying up (§7.7).

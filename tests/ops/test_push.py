@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import io
 
-from pyrycode_relay.core.clock import ManualClock
 from pyrycode_relay.core.config import parse_args
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.push import PushWaker, SendResult
+from tests.clock import ManualClock
 
 WAKE = b'{"platform":"fcm","token":"T"}'
 FP_T = "e632b709"

@@ -1,6 +1,6 @@
 """The request-head size limit (ADR 0003: 64 KiB → 431), however the head is chunked.
 
-Regression (issue 8): h11 enforces its limit only while a head is incomplete, so a
+Regression: h11 enforces its limit only while a head is incomplete, so a
 140 KiB head arriving in one or two large reads was parsed and routed.
 """
 

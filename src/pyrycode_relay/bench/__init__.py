@@ -1,1 +1,1 @@
-"""`pyrycode-relay bench`: load generation and measurement against a relay (issue 5)."""
+"""`pyrycode-relay bench`: load generation and measurement against a relay."""

@@ -2,7 +2,7 @@
 
 Owns: the `Placement` protocol and its in-memory implementation. A binary's claim and a
 phone's admission go through `relay.placement`; single instance (`LocalPlacement`) decides
-both synchronously on the local registry, exactly as before cluster mode existed. Cluster
+both synchronously on the local registry. Cluster
 mode (`pyrycode_relay.cluster.placement`) implements the same protocol over Redis.
 Must never: sit on the per-frame path of a local pair. Frames between a binary and a
 phone on the same instance never go through a placement.

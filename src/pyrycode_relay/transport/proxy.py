@@ -23,7 +23,6 @@ from typing import Final
 
 SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 FIXED_LEN: Final = 16  # signature (12) + ver/cmd + fam/proto + 2-byte length
-MAX_LEN: Final = FIXED_LEN + 0xFFFF
 
 VERSION_2: Final = 0x2
 CMD_LOCAL: Final = 0x0
