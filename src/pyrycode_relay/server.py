@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.endpoints.relay import Relay
 from pyrycode_relay.endpoints.router import MainRouter, MetricsRouter
+from pyrycode_relay.ops import logbridge
 from pyrycode_relay.ops.boot import (
     ENV_FCM_CREDENTIALS,
     MSG_ENV,
@@ -88,7 +89,7 @@ class RelayServer:
         """Serve until SIGTERM/SIGINT, then drain. A refusal or a listener that cannot be
         opened ends start-up with its exit code, after everything started is undone."""
         loop = asyncio.get_running_loop()
-        loop.set_exception_handler(self._internal_error)
+        loop.set_exception_handler(logbridge.loop_exception_handler(self.log))
         async with contextlib.AsyncExitStack() as stack:
             try:
                 await self._start(stack)
@@ -264,12 +265,6 @@ class RelayServer:
             self.log.warn("drain incomplete")
             return
         self.log.info("shutdown complete")
-
-    def _internal_error(self, _loop: object, context: dict[str, object]) -> None:
-        """A bug in a callback: one allowlisted line (the exception type only — its text or a
-        traceback could carry peer data), instead of asyncio's default traceback dump."""
-        exc = context.get("exception")
-        self.log.error("internal error", err=type(exc).__name__ if exc is not None else "unknown")
 
 
 async def _listen(

@@ -781,6 +781,30 @@ async def test_sighup_is_logged_once_and_never_fatal() -> None:
             assert r.proc.returncode is None
 
 
+async def test_a_redis_address_that_accepts_and_never_answers_does_not_hold_up_start_up() -> None:
+    # A wrong port, a held balancer port, a frozen server: TCP connects, nothing answers.
+    # Every Redis step at start-up is bounded by the client timeout (half the 1 s lease), so
+    # the relay serves (degraded) within a few of them instead of waiting forever.
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        flags = (f"--cluster-redis=redis://127.0.0.1:{port}", "--cluster-lease=1s")
+        async with start_relay(*flags) as relay:  # fails if `starting` takes over 10 s
+            await relay.wait_log("msg=cluster_redis_down")
+            assert accepted, "the relay never reached the silent server"
+            assert await closed_with(await binary(relay, SID)) == UNAVAILABLE
+    finally:
+        for writer in accepted:
+            writer.transport.abort()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_redis_unreachable_at_boot_then_arrives() -> None:
     # The contract says both "Redis unreachable at boot -> the relay still starts (local
     # pairs work)" and "New claims of ids not held locally -> 1013". At boot nothing is

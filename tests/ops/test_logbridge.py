@@ -47,39 +47,43 @@ def test_a_warning_is_one_line_naming_its_source() -> None:
 def test_library_records_map_to_relay_levels_and_debug_is_never_passed_on() -> None:
     body = """
     lib = logging.getLogger("somelib.client")
-    lib.debug("debug detail")
+    lib.debug("debug detail %s", 1)
     lib.info("request %s", "GET /x")
     lib.warning("retrying %d", 3)
-    lib.error("gave up")
+    lib.error("gave up after %d tries", 3)
     """
     _, at_info = run(body)
-    assert [(r["level"], r["msg"], r["from"], r["err"]) for r in at_info] == [
-        ("WARN", "library log", "somelib.client", "retrying 3"),
-        ("ERROR", "library log", "somelib.client", "gave up"),
+    assert [(r["level"], r["msg"], r["from"], r["path"], r["err"]) for r in at_info] == [
+        ("WARN", "library log", "somelib.client", "<string>:10", "retrying %d"),
+        ("ERROR", "library log", "somelib.client", "<string>:11", "gave up after %d tries"),
     ]
     _, at_debug = run(body, level="debug")
     assert [(r["level"], r["err"]) for r in at_debug] == [
-        ("DEBUG", "request GET /x"),
-        ("WARN", "retrying 3"),
-        ("ERROR", "gave up"),
+        ("DEBUG", "request %s"),
+        ("WARN", "retrying %d"),
+        ("ERROR", "gave up after %d tries"),
     ]
 
 
-def test_a_logged_exception_adds_its_type_not_its_traceback() -> None:
+def test_a_record_says_its_template_and_exception_type_never_its_data() -> None:
     code, records = run(
         f"""
+        lib = logging.getLogger("lib")
         try:
             raise ConnectionResetError({SECRET!r})
         except OSError:
-            logging.getLogger("lib").exception("lost the connection")
-        logging.getLogger("lib").warning("bad %d template", "x")
+            lib.exception("lost the connection to %s", {SECRET!r})
+        lib.warning("message handled: " + {SECRET!r})  # formatted by the library itself
+        lib.warning("bad %d template", {SECRET!r})
         """
     )
     assert code == 0
-    assert [r["err"] for r in records] == [
-        "lost the connection (ConnectionResetError)",
+    assert [r.get("err") for r in records] == [
+        "lost the connection to %s: ConnectionResetError",
+        None,
         "bad %d template",
     ]
+    assert all(r["from"] == "lib" for r in records)
 
 
 def test_exceptions_python_can_only_report_are_internal_errors() -> None:

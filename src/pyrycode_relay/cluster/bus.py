@@ -57,6 +57,7 @@ class Bus:
         instance_id: str,
         incarnation: str,
         *,
+        connect_timeout: float,
         queue_limit: int,
         on_peer: Callable[[str, str], None],
         on_message: Callable[[str, list[Any]], None],
@@ -72,6 +73,7 @@ class Bus:
         self.me = instance_id
         self.incarnation = incarnation  # sent with every batch; the placement renews it
         self._channel = channel(instance_id)
+        self._connect_timeout = connect_timeout  # bounds a (re)subscription's handshake
         self._queue_limit = queue_limit
         self._on_peer = on_peer
         self._on_message = on_message
@@ -101,8 +103,8 @@ class Bus:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect once (bounded by the client's timeouts); keep retrying in the background
-        if that fails. Returns once the first attempt is over."""
+        """Connect once (bounded by `connect_timeout`); keep retrying in the background if
+        that fails. Returns once the first attempt is over."""
         self._publisher = asyncio.create_task(self._publish_loop(), name="cluster-publisher")
         self._subscriber = asyncio.create_task(self._subscribe_loop(0.0), name="cluster-bus")
         await self._settled.wait()
@@ -171,8 +173,11 @@ class Bus:
         # admissions for a pooled connection, and messages to one peer keep their order.
         # redis-py hands out a pooled connection only once it is ready to send, so one that
         # Redis closed while idle (its `timeout`; managed services set one) is replaced
-        # there, before anything of ours is written to it: not an outage.
+        # there, before anything of ours is written to it: not an outage. After an outage its
+        # connection is dropped all the same: it may lead to a server that stayed up but is
+        # no longer the one the subscriptions are on (a failover behind a proxy).
         publisher = self._publisher_client
+        outages = self._outages
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -188,6 +193,9 @@ class Bus:
                     commands.append((channel(dest), encode_batch(self.me, self.incarnation, batch)))
                     count += len(batch)
             try:
+                if outages != self._outages:
+                    outages = self._outages
+                    await publisher.connection_pool.disconnect()
                 if len(commands) == 1:
                     await publisher.publish(*commands[0])
                 else:
@@ -210,13 +218,17 @@ class Bus:
                 await asyncio.sleep(delay)
             pubsub = self._subscriber_client.pubsub()
             try:
-                await pubsub.subscribe(self._channel)
-                while True:  # the subscription is live once Redis confirms it
-                    msg = await pubsub.get_message(timeout=1.0)
-                    if msg is None:
-                        raise TimeoutError("no subscribe confirmation")
-                    if msg["type"] == "subscribe":
-                        break
+                # The connection has no read timeout (a subscription waits as long as peers
+                # are quiet), so its handshake and the confirmation get one here: a server
+                # that accepts and never answers must not hold up start-up or a recovery.
+                async with asyncio.timeout(self._connect_timeout):
+                    await pubsub.subscribe(self._channel)
+                    while True:  # the subscription is live once Redis confirms it
+                        msg = await pubsub.get_message(timeout=self._connect_timeout)
+                        if msg is None:
+                            raise TimeoutError("no subscribe confirmation")
+                        if msg["type"] == "subscribe":
+                            break
                 await self._on_up()
                 self.up = True
                 self._settled.set()

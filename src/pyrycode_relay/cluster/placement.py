@@ -182,13 +182,19 @@ class ClusterPlacement:
         self.client: Redis = Redis.from_pool(pool)
         self.store = OwnershipStore(self.client, self.me, self.lease)
         # Two connections: a resubscription may start before the last one handed its
-        # connection back. No read timeout on it (the Bus says why).
+        # connection back (and a blocking pool, so an overlap waits rather than fails). No
+        # read timeout on it (the Bus says why).
         subscriber = {**settings, "socket_timeout": None}
         self.bus = Bus(
-            Redis.from_pool(ConnectionPool.from_url(url, max_connections=2, **subscriber)),
+            Redis.from_pool(
+                BlockingConnectionPool.from_url(
+                    url, max_connections=2, timeout=timeout, **subscriber
+                )
+            ),
             Redis.from_pool(ConnectionPool.from_url(url, max_connections=1, **settings)),
             self.me,
             self.process + "0",
+            connect_timeout=timeout,
             queue_limit=config.max_buffered_bytes,
             on_peer=self._on_peer,
             on_message=self._on_message,

@@ -3,11 +3,13 @@
 Owns: the hooks that turn what Python and libraries would print themselves into relay log
 lines: `warnings` (`msg="python warning"`), stdlib `logging` records from any library
 (`msg="library log"`), and the exceptions Python can only report (`sys.unraisablehook`,
-`threading.excepthook`, an uncaught exception in the main thread: `msg="internal error"`).
+`threading.excepthook`, an uncaught exception in the main thread, and the event loop's
+exception handler: `msg="internal error"`).
 So every line the process writes has the chosen format and allowlisted keys only.
 Must never: let a library write to stdout or stderr on its own, pass a library's DEBUG
-records on (they may carry request bodies or headers), log an exception's traceback or a
-bug's message (they may carry peer data), or raise from a hook.
+records on (they may carry request bodies or headers), log the text of a message a library
+formatted itself, an exception's traceback or a bug's message (any may carry peer data), or
+raise from a hook.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from types import TracebackType
-from typing import TextIO
+from typing import Any, TextIO
 
 from pyrycode_relay.ops.log import Logger
 
@@ -77,6 +80,20 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + "…"
 
 
+def loop_exception_handler(log: Logger) -> Callable[[object, dict[str, Any]], None]:
+    """For `loop.set_exception_handler`: a bug in a callback or task is one `internal
+    error` line (type and place), instead of asyncio's traceback dump."""
+
+    def handle(_loop: object, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, BaseException):
+            log.error("internal error", err=type(exc).__name__, from_=_where(exc.__traceback__))
+        else:
+            log.error("internal error", err="unknown")
+
+    return handle
+
+
 def _where(tb: TracebackType | None) -> str:
     """The innermost frame of a traceback as `file:line`: where, never what."""
     if tb is None:
@@ -87,21 +104,30 @@ def _where(tb: TracebackType | None) -> str:
 
 
 class _Handler(logging.Handler):
+    """A library's record as a relay line: its logger (`from`), the place in its code
+    (`path`), and (`err`) the message's template when the record carries its data apart
+    (`log.warning("lost %s", x)`: the template, never `x`), plus an exception's type. A
+    message formatted before logging may hold anything (a peer's frame, a URL with a
+    password), so its text is left out."""
+
     def __init__(self, log: Logger) -> None:
         super().__init__(logging.INFO)
         self._log = log
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = record.getMessage()
-        except Exception:  # a library's own bad format string: its template, unformatted
-            text = str(record.msg)
+        fields: dict[str, object] = {
+            "from": record.name,
+            "path": _source(record.pathname, record.lineno),
+        }
+        parts = [_clip(str(record.msg))] if record.args else []
         if record.exc_info is not None and record.exc_info[0] is not None:
-            text = f"{text} ({record.exc_info[0].__name__})"
+            parts.append(record.exc_info[0].__name__)
+        if parts:
+            fields["err"] = ": ".join(parts)
         if record.levelno >= logging.ERROR:
             level = "error"
         elif record.levelno >= logging.WARNING:
             level = "warn"
         else:
             level = "debug"
-        self._log.record(level, "library log", {"from": record.name, "err": _clip(text)})
+        self._log.record(level, "library log", fields)
