@@ -1,30 +1,30 @@
 #!/usr/bin/env bash
-# Writes the committed locks in requirements/ from pyproject.toml and requirements/build.in:
-#   test.lock     what the test command installs: the relay, its fast and test extras, and
-#                 what an editable install builds with (build.in, editable.in)
-#   runtime.lock  what the README, docs/operations.md and the Dockerfile install: the relay,
-#                 its fast extra and hatchling, at the versions test.lock has
-#   lowest.lock   the test set with every direct dependency at the lowest version its range in
-#                 pyproject.toml allows (scripts/test.sh runs the suite on it too)
+# Writes the committed locks in requirements/ (uv pip compile, with hashes):
+#   test.lock     what the tests install: the relay, its fast and test extras, and what an
+#                 editable install builds with (build.in, editable.in)
+#   runtime.lock  what the README, docs/operations.md and the Dockerfile install: the relay and
+#                 its fast extra, at the versions test.lock has
+#   build.lock    what builds the relay's wheel for them (build.in), at test.lock's versions
+#   lowest.lock   the test set with every direct dependency exactly at the lower bound of its
+#                 range in pyproject.toml (floors.txt, written here too)
+#   uv.lock       uv itself, the tool that writes these
 #
 #   bash scripts/lock.sh             keep each locked version that still fits the ranges
 #   bash scripts/lock.sh --upgrade   move to the newest versions the index serves
 #
-# After either, run `bash scripts/test.sh` and commit the locks with what made them pass.
+# Then run `bash scripts/test.sh` and commit the locks with what made them pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/uv.sh
-inputs=(pyproject.toml requirements/build.in)
-tests=("${inputs[@]}" requirements/editable.in)
-"$UV" pip compile "${tests[@]}" --extra test --extra fast "${UV_TARGET[@]}" "$@" \
-  -o requirements/test.lock
-"$UV" pip compile "${inputs[@]}" --extra fast -c requirements/test.lock "${UV_TARGET[@]}" \
-  -o requirements/runtime.lock
-# Every direct dependency exactly at its lower bound (a resolver's "lowest-direct" alone may
-# pick a higher one to suit a newer transitive dependency); the others as new as fits.
-floors=$(mktemp)
-trap 'rm -f "$floors"' EXIT
-"${PYTHON:-python3}" - "${tests[@]}" > "$floors" <<'PY'
+r=requirements
+"$UV" pip compile $r/uv.in "${UV_TARGET[@]}" "$@" -o $r/uv.lock
+tests=(pyproject.toml $r/build.in $r/editable.in)
+"$UV" pip compile "${tests[@]}" --extra test --extra fast "${UV_TARGET[@]}" "$@" -o $r/test.lock
+"$UV" pip compile pyproject.toml --extra fast -c $r/test.lock "${UV_TARGET[@]}" -o $r/runtime.lock
+"$UV" pip compile $r/build.in -c $r/test.lock "${UV_TARGET[@]}" -o $r/build.lock
+# A resolver's "lowest-direct" alone may pick a higher version of a direct dependency to suit
+# a newer transitive one; these constraints hold each at its floor. The others are as new as fits.
+"${PYTHON:-python3}" - "${tests[@]}" > $r/floors.txt <<'PY'
 import re, sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
 reqs = list(project["dependencies"])
@@ -32,6 +32,7 @@ for extra in ("fast", "test"):
     reqs += project["optional-dependencies"][extra]
 for path in sys.argv[2:]:
     reqs += [r for r in open(path) if r.strip() and not r.startswith("#")]
+print("# Written by scripts/lock.sh: every direct dependency at the lower bound of its range.")
 for req in reqs:
     m = re.match(r"\s*([A-Za-z0-9_.-]+)(?:\[[^]]*\])?\s*(?:>=|==)\s*([^,;\s]+)", req)
     if m is None:
@@ -39,4 +40,4 @@ for req in reqs:
     print(f"{m[1]}=={m[2]}")
 PY
 "$UV" pip compile "${tests[@]}" --extra test --extra fast --resolution lowest-direct \
-  -c "$floors" "${UV_TARGET[@]}" "$@" -o requirements/lowest.lock
+  -c $r/floors.txt "${UV_TARGET[@]}" "$@" -o $r/lowest.lock

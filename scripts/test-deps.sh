@@ -2,7 +2,7 @@
 # Runs every check CI runs (ruff lint + format, mypy --strict, the whole pytest suite, unit
 # and end-to-end) on one set of dependency versions, each in a virtualenv of its own:
 #
-#   bash scripts/test-deps.sh locked [pytest args]   requirements/test.lock, in .venv
+#   bash scripts/test-deps.sh locked [pytest args]   requirements/test.lock, in .venv-test
 #   bash scripts/test-deps.sh lowest [pytest args]   requirements/lowest.lock (every direct
 #                                                    dependency at its lower bound), .venv-lowest
 #   bash scripts/test-deps.sh newest [pytest args]   the newest versions the index serves within
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 deps=${1:?usage: scripts/test-deps.sh locked|lowest|newest [pytest args]}
 shift
 case $deps in
-  locked) venv=.venv lock=requirements/test.lock ;;
+  locked) venv=.venv-test lock=requirements/test.lock ;;
   lowest) venv=.venv-lowest lock=requirements/lowest.lock ;;
   newest)
     venv=.venv-newest

@@ -175,7 +175,7 @@ def test_dockerfile_readme_and_operations_share_one_install_command() -> None:
     assert [c for block in blocks for c in install_commands(block)] == [[".venv"], [".venv"]]
     # install.sh's default lock is the runtime one the image names.
     script = (ROOT / "scripts" / "install.sh").read_text()
-    assert "lock=${2:-requirements/runtime.lock}" in script
+    assert '"${2:-$root/requirements/runtime.lock}"' in script
 
 
 def healthcheck_argv() -> list[str]:

@@ -80,10 +80,15 @@ def test_lowest_lock_holds_every_direct_dependency_at_its_floor() -> None:
         assert lowest[canonicalize_name(req.name)] == floor(req), req
 
 
-def test_runtime_lock_is_the_test_lock_without_the_test_tools() -> None:
-    runtime, test = pins("runtime.lock"), pins("test.lock")
-    assert {name: test[name] for name in runtime} == runtime
-    for req in direct("fast"):
+def test_runtime_and_build_locks_are_parts_of_the_test_lock() -> None:
+    test = pins("test.lock")
+    runtime, build = pins("runtime.lock"), pins("build.lock")
+    for part in (runtime, build):
+        assert {name: test[name] for name in part} == part
+    for req in direct("fast", build=False):
         assert canonicalize_name(req.name) in runtime, req
-    for req in direct("test", build=False)[len(direct(build=False)) :]:
-        assert canonicalize_name(req.name) not in runtime, req
+    tools = direct("test", build=False)[len(direct(build=False)) :]
+    for req in [*tools, *requirements_in(REQS / "build.in")]:
+        assert canonicalize_name(req.name) not in runtime, f"{req} in the runtime lock"
+    (hatchling,) = requirements_in(REQS / "build.in")
+    assert canonicalize_name(hatchling.name) in build
