@@ -31,11 +31,11 @@ from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.metrics import MetricsExporter
 from pyrycode_relay.ops.push import PushSender, build_sender
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
-from pyrycode_relay.tlsmode import Listener, TlsFrontEnd
-from pyrycode_relay.transport.connection import Connection, ConnSettings, Router
+from pyrycode_relay.transport.connection import Connection, ConnSettings, Listener, Router
 
 if TYPE_CHECKING:
     from pyrycode_relay.cluster.placement import ClusterPlacement
+    from pyrycode_relay.tls.mode import TlsFrontEnd
 
 RATE_LIMIT_SWEEP_SECONDS = 300.0  # reference §8.3
 
@@ -126,6 +126,9 @@ class RelayServer:
         # the very end, so a signal during the drain is still ours, not the default's.
         self._handle_signals(stack)
         if not config.insecure_listen:
+            # Imported here: insecure mode never loads TLS, `cryptography` or `acme`.
+            from pyrycode_relay.tls.mode import TlsFrontEnd
+
             self._tls = TlsFrontEnd(config, log, self.version)
             self._tls.prepare()
         live = LiveConnections()

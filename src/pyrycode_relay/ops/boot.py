@@ -23,7 +23,7 @@ from typing import Final
 
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.ops.refusal import Refusal
-from pyrycode_relay.transport.proxy import parse_allowlist
+from pyrycode_relay.tls.proxy import parse_allowlist
 
 ENV_PRODUCTION: Final = "PYRYCODE_RELAY_PRODUCTION"
 ENV_SINGLE_INSTANCE: Final = "PYRYCODE_RELAY_SINGLE_INSTANCE"

@@ -103,6 +103,12 @@ class WsHandler(TypingProtocol):
     def shutdown(self) -> None: ...
 
 
+class Listener(TypingProtocol):
+    """What the drain needs from a listener (asyncio.Server, the PROXY v2 front's)."""
+
+    def close(self) -> None: ...
+
+
 class Router(TypingProtocol):
     """Decides what to do with a complete request head: must call `respond()` or
     `accept_websocket()` on the connection before returning."""

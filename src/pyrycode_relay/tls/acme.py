@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from pyrycode_relay.ops.log import Logger
-from pyrycode_relay.transport.tls import CertificateError, CertSwitch, LoadedCert, load_pair
+from pyrycode_relay.tls.certs import CertificateError, CertSwitch, LoadedCert, load_pair
 
 T = TypeVar("T")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pyrycode_relay.ops.certcache import (
+from pyrycode_relay.tls.certcache import (
     REASON_INSECURE,
     REASON_NOT_DIR,
     CertCacheRefusal,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pyrycode_relay.endpoints.tlsroutes import host_without_port
-from pyrycode_relay.ops.acme import renew_at
-from pyrycode_relay.transport.tls import CertificateError, CertSwitch, load_pair
+from pyrycode_relay.tls.acme import renew_at
+from pyrycode_relay.tls.certs import CertificateError, CertSwitch, load_pair
+from pyrycode_relay.tls.routes import host_without_port
 from tests.certs import make_ca, write_leaf
 
 

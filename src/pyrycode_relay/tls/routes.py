@@ -59,7 +59,7 @@ class AcmeHttpRouter:
 
     def __init__(self, domain: str, challenges: Mapping[str, str]) -> None:
         self._domain = domain.rstrip(".").lower()
-        self._challenges = challenges  # token → key authorization, filled by ops.acme
+        self._challenges = challenges  # token → key authorization, filled by tls.acme
 
     def route(self, conn: Connection, head: RequestHead) -> None:
         if not head.path.startswith(CHALLENGE_PREFIX):

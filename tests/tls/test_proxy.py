@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyrycode_relay.transport.proxy import (
+from pyrycode_relay.tls.proxy import (
     CMD_LOCAL,
     FIXED_LEN,
     SIGNATURE,

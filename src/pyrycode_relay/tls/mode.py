@@ -17,27 +17,20 @@ import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.endpoints.relay import Relay
 from pyrycode_relay.endpoints.router import MainRouter
-from pyrycode_relay.endpoints.tlsroutes import AcmeHttpRouter, HostGate
-from pyrycode_relay.ops.acme import AcmeSettings, AutoCert
 from pyrycode_relay.ops.boot import parse_listen_address
-from pyrycode_relay.ops.certcache import CertCacheRefusal, prepare_cert_cache
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
-from pyrycode_relay.transport.connection import Connection, ConnSettings, Router
-from pyrycode_relay.transport.proxy import parse_allowlist
-from pyrycode_relay.transport.proxyfront import ProxiedConnection, ProxyListener, bind_sockets
-from pyrycode_relay.transport.tls import CertificateError, CertSwitch, TlsConnection, load_pair
-
-
-class Listener(Protocol):
-    """What the drain needs from a listener (asyncio.Server, ProxyListener)."""
-
-    def close(self) -> None: ...
+from pyrycode_relay.tls.acme import AcmeSettings, AutoCert
+from pyrycode_relay.tls.certcache import CertCacheRefusal, prepare_cert_cache
+from pyrycode_relay.tls.certs import CertificateError, CertSwitch, TlsConnection, load_pair
+from pyrycode_relay.tls.proxy import parse_allowlist
+from pyrycode_relay.tls.proxyfront import ProxiedConnection, ProxyListener, bind_sockets
+from pyrycode_relay.tls.routes import AcmeHttpRouter, HostGate
+from pyrycode_relay.transport.connection import Connection, ConnSettings, Listener, Router
 
 
 class TlsFrontEnd:

@@ -27,9 +27,9 @@ import socket
 import ssl
 from collections.abc import Callable, Sequence
 
+from pyrycode_relay.tls.certs import TlsConnection
+from pyrycode_relay.tls.proxy import Network, ProxyError, needed, parse_proxy_v2, peer_allowed
 from pyrycode_relay.transport.connection import Connection, ConnSettings, Router
-from pyrycode_relay.transport.proxy import Network, ProxyError, needed, parse_proxy_v2, peer_allowed
-from pyrycode_relay.transport.tls import TlsConnection
 
 _ACCEPT_ERROR_PAUSE = 0.1  # EMFILE and friends: back off briefly instead of spinning
 
