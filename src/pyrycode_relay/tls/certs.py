@@ -7,7 +7,6 @@ certificate context. Installing a new certificate is one attribute assignment on
 event loop: handshakes that start afterwards see it, live connections keep theirs.
 Loading a PEM pair (file reads, key parsing) is blocking, so callers run `load_pair` in a
 worker thread and only `install` on the loop.
-Also `TlsConnection`, the Connection used behind TLS, which adapts one flow-control detail.
 Must never: serve a handshake without a certificate (it fails with an alert instead), or
 log — callers log what they loaded.
 """
@@ -15,13 +14,10 @@ log — callers log what they loaded.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
-
-from pyrycode_relay.transport.connection import Connection, WsHandler
 
 # We speak HTTP/1.1 only (the WebSocket upgrade); advertising h2 as Go's autocert does
 # would let a client pick a protocol we cannot serve.
@@ -113,27 +109,3 @@ class CertSwitch:
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
         conn.context = current.context
         return None
-
-
-class TlsConnection(Connection):
-    """A Connection over an asyncio TLS transport.
-
-    The TLS transport pauses writing when its buffer is *at or above* the high-water mark
-    (a plain socket transport: strictly above), so the phone's high-water mark of 0 ("any
-    unsent byte counts as blocked") would pause it with an empty buffer, and nothing
-    would ever resume it. 1 means the same thing here. Note that the TLS transport counts
-    only bytes not yet handed to the TCP transport below it, so behind TLS a stalled
-    phone is detected after that transport's own buffer (64 KiB) fills — the outbox
-    bounds still hold, the point of detection is a little later.
-    """
-
-    __slots__ = ()
-
-    def accept_websocket(
-        self,
-        handshake: bytes,
-        handler: WsHandler,
-        write_high: int,
-        start: Callable[[], None],
-    ) -> None:
-        super().accept_websocket(handshake, handler, max(write_high, 1), start)

@@ -14,6 +14,7 @@ authorization.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -26,9 +27,9 @@ from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
 from pyrycode_relay.tls.acme import AcmeSettings, AutoCert
 from pyrycode_relay.tls.certcache import CertCacheRefusal, prepare_cert_cache
-from pyrycode_relay.tls.certs import CertificateError, CertSwitch, TlsConnection, load_pair
+from pyrycode_relay.tls.certs import CertificateError, CertSwitch, load_pair
 from pyrycode_relay.tls.proxy import parse_allowlist
-from pyrycode_relay.tls.proxyfront import ProxiedConnection, ProxyListener, bind_sockets
+from pyrycode_relay.tls.proxyfront import ProxyListener, bind_sockets
 from pyrycode_relay.tls.routes import AcmeHttpRouter, HostGate
 from pyrycode_relay.transport.connection import Connection, ConnSettings, Listener, Router
 
@@ -115,11 +116,12 @@ class TlsFrontEnd:
     ) -> Listener:
         config = self.config
         host, port = parse_listen_address(config.https_listen)
+        settings = dataclasses.replace(settings, write_high_floor=1)  # see ConnSettings
         if config.https_proxy_protocol:
             sockets = bind_sockets(host, port)
 
             def make(client_host: str) -> Connection:
-                return ProxiedConnection(router, settings, live, client_host)
+                return Connection(router, settings, live, peer_host=client_host)
 
             return ProxyListener(
                 sockets,
@@ -130,7 +132,7 @@ class TlsFrontEnd:
             )
         loop = asyncio.get_running_loop()
         return await loop.create_server(
-            lambda: TlsConnection(router, settings, live),
+            lambda: Connection(router, settings, live),
             host or None,
             port,
             backlog=4096,

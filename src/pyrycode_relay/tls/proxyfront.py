@@ -27,28 +27,10 @@ import socket
 import ssl
 from collections.abc import Callable, Sequence
 
-from pyrycode_relay.tls.certs import TlsConnection
 from pyrycode_relay.tls.proxy import Network, ProxyError, needed, parse_proxy_v2, peer_allowed
-from pyrycode_relay.transport.connection import Connection, ConnSettings, Router
+from pyrycode_relay.transport.connection import Connection
 
 _ACCEPT_ERROR_PAUSE = 0.1  # EMFILE and friends: back off briefly instead of spinning
-
-
-class ProxiedConnection(TlsConnection):
-    """A Connection whose client address is the PROXY header's source, not the socket
-    peer (which is the front proxy)."""
-
-    __slots__ = ("_client_host",)
-
-    def __init__(
-        self, router: Router, settings: ConnSettings, live: set[Connection], client_host: str
-    ) -> None:
-        super().__init__(router, settings, live)
-        self._client_host = client_host
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.peer_host = self._client_host
 
 
 def bind_sockets(host: str, port: int) -> list[socket.socket]:

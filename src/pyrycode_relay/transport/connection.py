@@ -56,7 +56,8 @@ _WS_LOGGER.propagate = False
 
 @dataclass(frozen=True, slots=True)
 class ConnSettings:
-    """Per-connection limits and timers, all from the config (seconds / bytes)."""
+    """Per-connection limits and timers, all from the config (seconds / bytes); one per
+    listener."""
 
     handshake_timeout: float
     heartbeat_interval: float
@@ -64,6 +65,13 @@ class ConnSettings:
     message_read_timeout: float
     write_timeout: float
     max_message_bytes: int
+    # The least send-buffer high-water mark a connection gets. asyncio's TLS transport
+    # pauses writing at (a socket transport: above) the mark, so a phone's 0 ("any unsent
+    # byte counts as blocked") would pause it with an empty buffer, never to resume: TLS
+    # listeners set 1, which means the same there. (That transport counts only bytes not
+    # yet handed to the TCP transport below it: behind TLS a stalled phone is noticed
+    # about 64 KiB later; the outbox bounds hold.)
+    write_high_floor: int = 0
 
     @classmethod
     def from_config(cls, config: Config) -> ConnSettings:
@@ -188,7 +196,9 @@ class Connection(asyncio.Protocol):
         "ws",
     )
 
-    def __init__(self, router: Router, settings: ConnSettings, live: set[Connection]) -> None:
+    def __init__(
+        self, router: Router, settings: ConnSettings, live: set[Connection], peer_host: str = ""
+    ) -> None:
         self._router = router
         self._settings = settings
         self._live = live
@@ -219,7 +229,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.ws: WsProtocol | None = None
         self.handler: WsHandler | None = None
-        self.peer_host = ""
+        self.peer_host = peer_host  # the client's address: a PROXY header's source, if given
         self.closing = False
         self.write_paused = False
         self.timed_out_reading = False
@@ -231,9 +241,10 @@ class Connection(asyncio.Protocol):
         # uvloop's transports implement the interface without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and peer:
-            self.peer_host = str(peer[0])
+        if not self.peer_host:
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple) and peer:
+                self.peer_host = str(peer[0])
         self._live.add(self)
         self._timer = self._loop.call_later(self._settings.handshake_timeout, transport.abort)
 
@@ -322,6 +333,7 @@ class Connection(asyncio.Protocol):
             logger=_WS_LOGGER,
         )
         self.handler = handler
+        write_high = max(write_high, self._settings.write_high_floor)
         self._write_high = write_high
         transport.set_write_buffer_limits(high=write_high, low=0)
         transport.write(handshake)
