@@ -30,6 +30,7 @@ from pyrycode_relay.core.registry import Register
 from pyrycode_relay.ops.boot import MSG_INSTANCE_LIVE
 from pyrycode_relay.ops.metrics import ClusterFigures
 from pyrycode_relay.ops.refusal import Refusal
+from pyrycode_relay.transport.timers import probe
 
 if TYPE_CHECKING:
     from pyrycode_relay.endpoints.client import PhoneSession
@@ -398,20 +399,8 @@ class ClusterPlacement:
             self._surrender(sid, holder)
             self._spawn(self._hand_over(claimant, req, sid, codec.FREE))
             return
-        decided = False
-
-        def alive() -> None:
-            nonlocal decided
-            if not decided:
-                decided = True
-                timer.cancel()
-                self.bus.reply(claimant, req, codec.ALIVE)
 
         def silent() -> None:
-            nonlocal decided
-            if decided:
-                return
-            decided = True
             if registry.binary(sid) is not holder:
                 self.bus.reply(claimant, req, codec.ALIVE)  # a newer holder: let it keep the id
                 return
@@ -419,10 +408,13 @@ class ClusterPlacement:
             holder.conn.close(1011, "heartbeat timeout")
             self._spawn(self._hand_over(claimant, req, sid, codec.DEAD))
 
-        timer = self.relay.loop.call_later(self.relay.config.conflict_probe_timeout, silent)
-        if not holder.conn.ping(alive):
-            timer.cancel()
-            silent()
+        probe(
+            holder.conn,
+            self.relay.loop,
+            self.relay.config.conflict_probe_timeout,
+            alive=lambda: self.bus.reply(claimant, req, codec.ALIVE),
+            silent=silent,
+        )
 
     def _surrender(self, sid: str, holder: BinarySession) -> None:
         phones = self.relay.registry.surrender(sid, holder)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pyrycode_relay.core.envelope import EnvelopeError, decode_binary_envelope
 from pyrycode_relay.core.registry import Claim
 from pyrycode_relay.transport.connection import Connection
+from pyrycode_relay.transport.timers import probe
 
 if TYPE_CHECKING:
     from pyrycode_relay.endpoints.placement import PhoneEndpoint
@@ -80,25 +81,14 @@ class BinarySession:
     def _probe(self, incumbent: BinarySession) -> None:
         """Ping the incumbent (§5.2): a pong means it is alive (→ 4409); silence within
         --conflict-probe-timeout means it is dead (→ takeover)."""
-        decided = False
-
-        def alive() -> None:
-            nonlocal decided
-            if not decided:
-                decided = True
-                timer.cancel()
-                self.conflict()
-
-        def silent() -> None:
-            nonlocal decided
-            if not decided:
-                decided = True
-                self._take_over(incumbent)
-
-        timer = self.relay.loop.call_later(self.relay.config.conflict_probe_timeout, silent)
-        if not incumbent.conn.ping(alive):
-            timer.cancel()
-            silent()  # a ping that cannot be sent is a failed probe
+        relay = self.relay
+        probe(
+            incumbent.conn,
+            relay.loop,
+            relay.config.conflict_probe_timeout,
+            alive=self.conflict,
+            silent=lambda: self._take_over(incumbent),
+        )
 
     def conflict(self) -> None:
         if self.conn.closing:

@@ -1,11 +1,11 @@
 """One TCP connection: an HTTP request head, then (maybe) a WebSocket.
 
-Owns: the asyncio Protocol, the websockets Sans-I/O frame state machine, and every
-per-connection timer — header-read deadline, heartbeat ping/pong, per-message read
-deadline, write timeout (time spent with the socket's send buffer full), and the bounded
-close handshake. This is the transport boundary: endpoints see only `Connection`'s small
-public surface (send_text, close, ping, pause/resume reading, write_paused) and the
-`WsHandler` callbacks.
+Owns: the asyncio Protocol, the websockets Sans-I/O frame state machine, write batching,
+flow control in both directions, and what happens when one of its timers (held by its
+`ConnTimers`, transport/timers.py) expires: header-read deadline, heartbeat, per-message
+read deadline, write timeout, and the bounded close handshake. This is the transport
+boundary: endpoints see only `Connection`'s small public surface (send_text, close, ping,
+pause/resume reading, write_paused) and the `WsHandler` callbacks.
 Must never: parse envelopes, touch the registry, or log. No task is created per
 connection or per message: everything runs in protocol callbacks and loop timers.
 """
@@ -36,6 +36,7 @@ from pyrycode_relay.transport.http import (
     upgrade_required,
 )
 from pyrycode_relay.transport.http import response as http_response
+from pyrycode_relay.transport.timers import ConnTimers
 
 _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
 
@@ -164,15 +165,10 @@ def _wire_size(payload_length: int) -> int:
 class Connection(asyncio.Protocol):
     __slots__ = (
         "_backlog_paused",
-        "_close_timer",
         "_cork",
         "_cork_bytes",
-        "_deadline",
         "_fragments",
         "_fragments_text",
-        "_hb_deadline",
-        "_hb_next",
-        "_hb_timer",
         "_head",
         "_live",
         "_loop",
@@ -182,7 +178,7 @@ class Connection(asyncio.Protocol):
         "_router",
         "_rx_partial",
         "_settings",
-        "_timer",
+        "_timers",
         "_transport_paused",
         "_unparsed",
         "_write_high",
@@ -204,12 +200,7 @@ class Connection(asyncio.Protocol):
         self._live = live
         self._loop = asyncio.get_running_loop()
         self._head: HeadReader | None = HeadReader()
-        self._timer: asyncio.TimerHandle | None = None  # header-read deadline
-        self._deadline: asyncio.TimerHandle | None = None  # per-message read deadline
-        self._close_timer: asyncio.TimerHandle | None = None
-        self._hb_timer: asyncio.TimerHandle | None = None
-        self._hb_next = 0.0
-        self._hb_deadline: asyncio.TimerHandle | None = None  # an unanswered heartbeat ping
+        self._timers = ConnTimers(self._loop, settings, self)
         self._pings: dict[bytes, Callable[[], None]] | None = None
         self._ping_seq = 0
         # One buffer per fragmented message: its memory is the payload itself, however
@@ -246,7 +237,7 @@ class Connection(asyncio.Protocol):
             if isinstance(peer, tuple) and peer:
                 self.peer_host = str(peer[0])
         self._live.add(self)
-        self._timer = self._loop.call_later(self._settings.handshake_timeout, transport.abort)
+        self._timers.start_head()
 
     def data_received(self, data: bytes) -> None:
         if self.ws is not None:
@@ -262,7 +253,7 @@ class Connection(asyncio.Protocol):
             return
         if head is None:
             return
-        self._cancel_timer()
+        self._timers.stop_head()
         self._router.route(self, head)
 
     def eof_received(self) -> bool | None:
@@ -274,12 +265,12 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        if self.handler is not None and self._timer is None:
-            self._timer = self._loop.call_later(self._settings.write_timeout, self._write_timeout)
+        if self.handler is not None:
+            self._timers.start_write()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._cancel_timer()
+        self._timers.stop_write()
         if self._backlog_paused:
             self._backlog_paused = False
             self._apply_reading()
@@ -289,11 +280,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._live.discard(self)
-        self._cancel_timer()
-        for timer in (self._deadline, self._close_timer, self._hb_timer, self._hb_deadline):
-            if timer is not None:
-                timer.cancel()
-        self._deadline = self._close_timer = self._hb_timer = self._hb_deadline = None
+        self._timers.stop_all()
         self._pings = None
         self._unparsed = None  # a slice still scheduled for parsing is moot now
         self.closing = True
@@ -307,7 +294,7 @@ class Connection(asyncio.Protocol):
     def respond(self, raw: bytes) -> None:
         """Send a complete non-101 response and close the connection."""
         self._head = None
-        self._cancel_timer()
+        self._timers.stop_head()
         transport = self.transport
         if transport is not None:
             transport.write(raw)
@@ -444,17 +431,9 @@ class Connection(asyncio.Protocol):
         # cluster admission) nothing is read, so nothing is late: the deadline restarts
         # when reading does, like the reference's per-read deadline.
         in_progress = self._fragments is not None or self._rx_partial > 0
-        if in_progress and not self._reading_paused:
-            if self._deadline is None:
-                self._deadline = self._loop.call_later(
-                    self._settings.message_read_timeout, self._message_deadline_expired
-                )
-        elif self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._timers.track_message(in_progress and not self._reading_paused)
 
-    def _message_deadline_expired(self) -> None:
-        self._deadline = None
+    def message_timed_out(self) -> None:
         self.timed_out_reading = True
         self.close(1008, "message read timeout")
 
@@ -485,9 +464,7 @@ class Connection(asyncio.Protocol):
             ws.send_close(code, reason)
             self._flush()
         if self.transport is not None and not self.transport.is_closing():
-            self._close_timer = self._loop.call_later(
-                self._settings.close_timeout, self.transport.abort
-            )
+            self._timers.start_close()
         self._finish()
 
     def _finish(self) -> None:
@@ -536,10 +513,7 @@ class Connection(asyncio.Protocol):
                 self.closing = True
                 self._stop_timers()
                 transport.close()
-                if self._close_timer is None:
-                    self._close_timer = self._loop.call_later(
-                        self._settings.close_timeout, transport.abort
-                    )
+                self._timers.start_close()
                 self._finish()
 
     @property
@@ -572,20 +546,20 @@ class Connection(asyncio.Protocol):
             transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
 
     def _stop_timers(self) -> None:
-        for timer in (self._deadline, self._hb_timer, self._hb_deadline):
-            if timer is not None:
-                timer.cancel()
-        self._deadline = self._hb_timer = self._hb_deadline = None
+        self._timers.stop_open()
         self._pings = None
-        self._cancel_timer()
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    # -- timer expiries (ConnTimers calls these) --------------------------------------
 
-    def _write_timeout(self) -> None:
-        self._timer = None
+    def head_timed_out(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_timed_out(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def write_timed_out(self) -> None:
         handler = self.handler
         if handler is not None and not self.closing:
             handler.on_write_timeout()
@@ -657,30 +631,9 @@ class Connection(asyncio.Protocol):
     def start_heartbeat(self) -> None:
         """Ping every interval on a fixed ticker; no pong within the timeout →
         `handler.on_heartbeat_timeout()`."""
-        self._hb_next = self._loop.time() + self._settings.heartbeat_interval
-        self._hb_timer = self._loop.call_at(self._hb_next, self._heartbeat_tick)
+        self._timers.start_heartbeat()
 
-    def _heartbeat_tick(self) -> None:
-        if self.closing:
-            return
-        self._hb_next += self._settings.heartbeat_interval
-        self._hb_timer = self._loop.call_at(self._hb_next, self._heartbeat_tick)
-        if self._hb_deadline is not None:
-            return  # the outstanding ping's own deadline decides
-        self._hb_deadline = self._loop.call_later(
-            self._settings.heartbeat_timeout, self._heartbeat_missed
-        )
-        if not self.ping(self._heartbeat_answered):
-            self._hb_deadline.cancel()
-            self._hb_deadline = None
-
-    def _heartbeat_answered(self) -> None:
-        if self._hb_deadline is not None:
-            self._hb_deadline.cancel()
-            self._hb_deadline = None
-
-    def _heartbeat_missed(self) -> None:
-        self._hb_deadline = None
+    def heartbeat_missed(self) -> None:
         handler = self.handler
         if handler is not None and not self.closing:
             handler.on_heartbeat_timeout()
