@@ -25,8 +25,7 @@ def test_insecure_mode_loads_no_tls_push_or_cluster_library() -> None:
     loaded = loaded_after("pyrycode_relay.cli", "pyrycode_relay.server")
     heavy = sorted(m for m in loaded if m.split(".")[0] in ONLY_WHEN_NEEDED)
     assert heavy == []
-    tls = sorted(m for m in loaded if m.startswith("pyrycode_relay.tls."))
-    assert tls == ["pyrycode_relay.tls.proxy"]  # the pure PROXY parser checks a boot flag
+    assert sorted(m for m in loaded if m.startswith("pyrycode_relay.tls")) == []
     assert "pyrycode_relay.cluster.placement" not in loaded
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from pyrycode_relay.bench.ports import free_port
 from pyrycode_relay.core.config import parse_args
+from pyrycode_relay.ops.boot import check_boot
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.refusal import ExitCode
 from pyrycode_relay.server import RelayServer
@@ -32,8 +33,9 @@ async def run(*flags: str, fcm: str | None = None) -> tuple[ExitCode, list[dict[
     handler = loop.get_exception_handler()
     out = io.StringIO()
     config = parse_args([*flags, "--metrics-listen="], {})
+    listeners = check_boot(config, {}, euid=0, proc_status=None, platform="linux")
     try:
-        code = await RelayServer(config, Logger(out, "json"), "test", fcm).run()
+        code = await RelayServer(config, listeners, Logger(out, "json"), "test", fcm).run()
     finally:
         loop.set_exception_handler(handler)
     return code, lines(out)

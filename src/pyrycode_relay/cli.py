@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from pyrycode_relay import __version__
+from pyrycode_relay.core.addresses import Listeners
 from pyrycode_relay.core.config import Config, ConfigError, HelpRequested, parse_args, usage
 from pyrycode_relay.ops import logbridge
 from pyrycode_relay.ops.boot import ENV_FCM_CREDENTIALS, check_boot
@@ -29,11 +30,11 @@ def _proc_status() -> str | None:
         return None
 
 
-def _run(config: Config, log: Logger, fcm_credentials: str | None) -> int:
+def _run(config: Config, listeners: Listeners, log: Logger, fcm_credentials: str | None) -> int:
     from pyrycode_relay.server import RelayServer
 
     async def serve() -> ExitCode:
-        return await RelayServer(config, log, __version__, fcm_credentials).run()
+        return await RelayServer(config, listeners, log, __version__, fcm_credentials).run()
 
     try:
         import uvloop
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = Logger(sys.stderr, config.log_format, config.log_level)
     logbridge.install(log)  # from here on, every line the process writes is the logger's
     try:
-        check_boot(
+        listeners = check_boot(
             config,
             os.environ,
             euid=os.geteuid(),
@@ -81,6 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # The key goes to the push sender only; it is never part of Config (which is printed
         # in errors and tests) nor logged.
-        return _run(config, log, os.environ.get(ENV_FCM_CREDENTIALS))
+        return _run(config, listeners, log, os.environ.get(ENV_FCM_CREDENTIALS))
     except KeyboardInterrupt:
         return ExitCode.OK

@@ -17,21 +17,17 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from pyrycode_relay.core.addresses import ListenAddress, Listeners
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.endpoints.relay import Relay
 from pyrycode_relay.endpoints.router import MainRouter, MetricsRouter
 from pyrycode_relay.ops import logbridge
-from pyrycode_relay.ops.boot import (
-    ENV_FCM_CREDENTIALS,
-    MSG_ENV,
-    REASON_FCM_CREDENTIALS,
-    parse_listen_address,
-)
+from pyrycode_relay.ops.boot import ENV_FCM_CREDENTIALS, MSG_ENV, REASON_FCM_CREDENTIALS
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.metrics import MetricsExporter
 from pyrycode_relay.ops.push import PushSender, build_sender
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
-from pyrycode_relay.transport.connection import Connection, ConnSettings, Listener, Router
+from pyrycode_relay.transport.connection import Connection, ConnSettings, Listener, listen
 
 if TYPE_CHECKING:
     from pyrycode_relay.cluster.placement import ClusterPlacement
@@ -75,9 +71,15 @@ class RelayServer:
     """
 
     def __init__(
-        self, config: Config, log: Logger, version: str, fcm_credentials: str | None = None
+        self,
+        config: Config,
+        listeners: Listeners,
+        log: Logger,
+        version: str,
+        fcm_credentials: str | None = None,
     ) -> None:
         self.config = config
+        self.listeners = listeners  # parsed by the boot checks
         self.log = log
         self.version = version
         self._fcm_credentials = fcm_credentials
@@ -129,7 +131,7 @@ class RelayServer:
             # Imported here: insecure mode never loads TLS, `cryptography` or `acme`.
             from pyrycode_relay.tls.mode import TlsFrontEnd
 
-            self._tls = TlsFrontEnd(config, log, self.version)
+            self._tls = TlsFrontEnd(config, self.listeners, log, self.version)
             self._tls.prepare()
         live = LiveConnections()
         servers = await self._open_listeners(relay, live)
@@ -180,14 +182,15 @@ class RelayServer:
         """Every listener, in bind order; on a failure the ones already open are closed."""
         config = self.config
         settings = ConnSettings.from_config(config)
-        openers: list[tuple[str, Callable[[], Awaitable[Listener]]]] = []
+        openers: list[tuple[ListenAddress, Callable[[], Awaitable[Listener]]]] = []
         if self._tls is None:
             router = MainRouter(relay)
-            address = config.insecure_listen
-            openers.append((address, lambda: _listen(address, router, settings, live)))
+            address = self.listeners.main
+            openers.append((address, lambda: listen(address, router, settings, live)))
         else:
             openers.extend(self._tls.listeners(relay, settings, live))
-        if config.metrics_listen:
+        metrics_address = self.listeners.metrics
+        if metrics_address is not None:
             exporter = MetricsExporter(
                 relay.stats,
                 relay.placement.counts,
@@ -197,13 +200,12 @@ class RelayServer:
                 cluster=None if self._cluster is None else self._cluster.figures,
             )
             metrics = MetricsRouter(exporter)
-            address = config.metrics_listen
 
             async def open_metrics() -> Listener:
-                self.log.info("starting metrics listener", addr=config.metrics_listen)
-                return await _listen(config.metrics_listen, metrics, settings, live)
+                self.log.info("starting metrics listener", addr=metrics_address.text)
+                return await listen(metrics_address, metrics, settings, live)
 
-            openers.append((address, open_metrics))
+            openers.append((metrics_address, open_metrics))
         servers: list[Listener] = []
         for address, open_listener in openers:
             try:
@@ -211,7 +213,7 @@ class RelayServer:
             except OSError as exc:
                 for server in servers:
                     server.close()
-                raise ListenerFailed(address, exc.strerror or type(exc).__name__) from None
+                raise ListenerFailed(address.text, exc.strerror or type(exc).__name__) from None
         return servers
 
     def _sweep_rate_limiter(self, relay: Relay, stack: contextlib.AsyncExitStack) -> None:
@@ -231,17 +233,14 @@ class RelayServer:
 
     def _starting_fields(self) -> dict[str, object]:
         config = self.config
-        fields: dict[str, object]
-        if self._tls is None:
-            fields = {"version": self.version, "mode": "insecure", "listen": config.insecure_listen}
-        else:
-            fields = {
-                "version": self.version,
-                "mode": self._tls.mode,
-                "listen": config.https_listen,
-                "domain": config.domain,
-                "https_proxy_protocol": config.https_proxy_protocol,
-            }
+        fields: dict[str, object] = {
+            "version": self.version,
+            "mode": self.mode,
+            "listen": self.listeners.main.text,
+        }
+        if self._tls is not None:
+            fields["domain"] = config.domain
+            fields["https_proxy_protocol"] = config.https_proxy_protocol
         if self._cluster is not None:
             fields["cluster"] = self._cluster.me
         return fields
@@ -268,15 +267,3 @@ class RelayServer:
             self.log.warn("drain incomplete")
             return
         self.log.info("shutdown complete")
-
-
-async def _listen(
-    address: str, router: Router, settings: ConnSettings, live: LiveConnections
-) -> asyncio.Server:
-    host, port = parse_listen_address(address)
-    loop = asyncio.get_running_loop()
-
-    def factory() -> Connection:
-        return Connection(router, settings, live)
-
-    return await loop.create_server(factory, host or None, port, backlog=4096)

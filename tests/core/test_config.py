@@ -12,12 +12,11 @@ from pyrycode_relay.core.config import (
     HelpRequested,
     env_var_for,
     flag_names,
-    format_duration,
     parse_args,
-    parse_duration,
     parse_size,
     usage,
 )
+from pyrycode_relay.core.duration import format_duration, parse_duration
 
 HOME = {"HOME": "/home/relay"}
 

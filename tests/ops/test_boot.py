@@ -2,20 +2,33 @@ from __future__ import annotations
 
 import pytest
 
+from pyrycode_relay.core.addresses import ListenAddress, Listeners
 from pyrycode_relay.core.config import Config, parse_args
 from pyrycode_relay.ops.boot import (
     ALLOWED_FIELD_KEYS,
     CAPABILITY_NAMES,
     capability_names,
     check_boot,
-    is_loopback_listen_address,
     parse_cap_eff,
-    parse_listen_address,
 )
 from pyrycode_relay.ops.refusal import Refusal
 from tests.e2e.fake_google import service_account
 
 INSECURE = ["--insecure-listen", "127.0.0.1:8080"]
+
+
+def parse_listen_address(addr: str) -> tuple[str, int]:
+    parsed = ListenAddress.parse(addr)
+    return parsed.host, parsed.port
+
+
+def is_loopback_listen_address(addr: str) -> bool:
+    try:
+        return ListenAddress.parse(addr).is_loopback_literal
+    except ValueError:
+        return False
+
+
 DOMAIN = ["--domain", "relay.example"]
 
 
@@ -38,8 +51,8 @@ def boot(
     euid: int = 1000,
     proc_status: str | None = NO_CAPS,
     platform: str = "linux",
-) -> None:
-    check_boot(config, env or {}, euid=euid, proc_status=proc_status, platform=platform)
+) -> Listeners:
+    return check_boot(config, env or {}, euid=euid, proc_status=proc_status, platform=platform)
 
 
 def refusal(
@@ -524,3 +537,24 @@ def test_proxy_allow_needs_proxy_protocol_and_valid_cidrs() -> None:
 
 def test_insecure_refuses_proxy_allow() -> None:
     assert refusal(cfg(*INSECURE, "--proxy-protocol-allow=10.0.0.0/8")).exit_code == 2
+
+
+# -- what a validated configuration binds --------------------------------------------------
+
+
+def test_the_listeners_of_each_mode_come_back_parsed() -> None:
+    insecure = boot(cfg(*INSECURE, "--metrics-listen=[::1]:9100"))
+    assert (insecure.main.host, insecure.main.port, insecure.acme) == ("127.0.0.1", 8080, None)
+    assert insecure.metrics is not None and insecure.metrics.port == 9100
+    assert insecure.proxy_allow == ()
+    acme = boot(cfg(*DOMAIN, "--https-listen=:8443", "--http-listen=:8080", "--metrics-listen="))
+    assert (acme.main.text, acme.acme, acme.metrics) == (
+        ":8443",
+        ListenAddress(":8080", "", 8080),
+        None,
+    )
+    static = boot(
+        cfg(*STATIC, "--https-proxy-protocol", "--proxy-protocol-allow=10.0.0.0/8, 192.0.2.1")
+    )
+    assert static.acme is None
+    assert [str(n) for n in static.proxy_allow] == ["10.0.0.0/8", "192.0.2.1/32"]

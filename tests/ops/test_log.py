@@ -6,7 +6,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from pyrycode_relay.ops.log import ALLOWED_KEYS, Logger, go_duration, go_quote
+from pyrycode_relay.core.duration import format_duration
+from pyrycode_relay.ops.log import ALLOWED_KEYS, Logger, go_quote
 
 T0 = datetime(2026, 11, 22, 16, 7, 30, 123456, tzinfo=UTC)
 
@@ -131,8 +132,8 @@ def test_duration_key_and_timedelta() -> None:
         (-2, "-2s"),
     ],
 )
-def test_go_duration(seconds: float, text: str) -> None:
-    assert go_duration(seconds) == text
+def test_format_duration(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
 
 
 @pytest.mark.parametrize(

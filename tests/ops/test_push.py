@@ -42,7 +42,15 @@ def waker(sender: FakeSender | None, *flags: str) -> tuple[PushWaker, io.StringI
     buf = io.StringIO()
     clock = ManualClock()
     config = parse_args(["--insecure-listen=127.0.0.1:1", *flags], {})
-    return PushWaker(config, Logger(buf), sender, clock=clock), buf, clock
+    waker = PushWaker(
+        Logger(buf),
+        sender,
+        burst=config.push_burst,
+        interval=config.push_interval,
+        max_in_flight=config.push_max_in_flight,
+        clock=clock,
+    )
+    return waker, buf, clock
 
 
 def lines(buf: io.StringIO) -> list[str]:

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from pyrycode_relay.core.duration import DurationError, format_duration, parse_duration
+
 ENV_PREFIX: Final = "PYRYCODE_RELAY_"
 
 _INT64_MAX: Final = (1 << 63) - 1
@@ -177,18 +179,6 @@ _BY_NAME: Final[dict[str, _Flag]] = {f.name: f for f in _FLAGS}
 _TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _FALSE: Final = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 
-_DURATION_UNITS: Final[dict[str, int]] = {
-    "ns": 1,
-    "us": 1_000,
-    "\u00b5s": 1_000,  # micro sign, as Go accepts
-    "\u03bcs": 1_000,  # Greek mu, as Go accepts
-    "ms": 1_000_000,
-    "s": _NS_PER_S,
-    "m": 60 * _NS_PER_S,
-    "h": 3600 * _NS_PER_S,
-}
-_BARE_SECONDS: Final = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
-_DURATION_PART: Final = re.compile(r"([0-9]*)(?:\.([0-9]*))?([^0-9.]*)")
 _SIZE: Final = re.compile(r"([0-9]+)(KiB|MiB|GiB)?")
 _SIZE_UNITS: Final[dict[str, int]] = {"": 1, "KiB": _KIB, "MiB": _MIB, "GiB": _GIB}
 _INT: Final = re.compile(r"[+-]?[0-9]+")
@@ -205,78 +195,6 @@ def parse_bool(text: str) -> bool:
     if text in _FALSE:
         return False
     raise _BadValue("not a boolean (want true/false/1/0/t/f)")
-
-
-def _parse_duration_ns(text: str) -> int:
-    """Go's time.ParseDuration (integer nanoseconds), plus bare seconds; negatives refused."""
-    s = text
-    negative = False
-    if s[:1] in ("+", "-"):
-        negative = s[0] == "-"
-        s = s[1:]
-    if _BARE_SECONDS.fullmatch(s):
-        s += "s"
-    if not s:
-        raise _BadValue("not a duration")
-    total = 0
-    pos = 0
-    while pos < len(s):
-        m = _DURATION_PART.match(s, pos)
-        # The pattern always matches (possibly empty); an empty match means a stray character.
-        if m is None or m.end() == pos:
-            raise _BadValue("not a duration")
-        whole, frac, unit = m.group(1), m.group(2), m.group(3)
-        if not whole and not frac:
-            raise _BadValue("not a duration")
-        if unit not in _DURATION_UNITS:
-            # The unit text is not echoed: it is part of a value that may come from the env.
-            raise _BadValue("not a duration" if not unit else "not a duration (unknown unit)")
-        scale = _DURATION_UNITS[unit]
-        # Integer arithmetic like Go: digits beyond nanosecond precision are truncated.
-        part = int(whole or "0") * scale
-        if frac:
-            part += int(frac) * scale // 10 ** len(frac)
-        total += part
-        if total > _INT64_MAX:
-            raise _BadValue("duration out of range")
-        pos = m.end()
-    if negative and total != 0:
-        raise _BadValue("negative duration not allowed")
-    return total
-
-
-def parse_duration(text: str) -> float:
-    """Parse `30s`, `250ms`, `1m30s`, `1.5h`, or bare seconds `0.2` into float seconds."""
-    return _parse_duration_ns(text) / _NS_PER_S
-
-
-def format_duration(seconds: float) -> str:
-    """Render seconds in Go's Duration.String() shape (ASCII `us`); parses back losslessly."""
-    ns = round(seconds * _NS_PER_S)
-    if ns < 0:
-        raise ValueError("negative duration")
-    if ns == 0:
-        return "0s"
-    if ns < 1_000:
-        return f"{ns}ns"
-    if ns < _NS_PER_S:
-        unit, scale = ("us", 1_000) if ns < 1_000_000 else ("ms", 1_000_000)
-        return _with_fraction(ns, scale, len(str(scale)) - 1) + unit
-    hours, rest = divmod(ns, 3600 * _NS_PER_S)
-    minutes, rest = divmod(rest, 60 * _NS_PER_S)
-    out = _with_fraction(rest, _NS_PER_S, 9) + "s"
-    if hours or minutes:
-        out = f"{minutes}m" + out
-    if hours:
-        out = f"{hours}h" + out
-    return out
-
-
-def _with_fraction(value: int, scale: int, digits: int) -> str:
-    whole, frac = divmod(value, scale)
-    if not frac:
-        return str(whole)
-    return f"{whole}." + f"{frac:0{digits}d}".rstrip("0")
 
 
 def parse_size(text: str) -> int:
@@ -315,7 +233,10 @@ def _convert(flag: _Flag, raw: str) -> str | bool | int | float:
     if flag.kind == "int":
         return _parse_int(raw)
     if flag.kind == "duration":
-        return parse_duration(raw)
+        try:
+            return parse_duration(raw)
+        except DurationError as exc:
+            raise _BadValue(str(exc)) from None
     return parse_size(raw)
 
 

@@ -42,7 +42,13 @@ class Relay:
         )
         self.caps = ConnectionCaps(config.max_connections, config.max_connections_per_ip)
         self.budget = BufferBudget(config.max_buffered_bytes)
-        self.push = PushWaker(config, log, push_sender)  # push off when there is no sender
+        self.push = PushWaker(  # push off when there is no sender
+            log,
+            push_sender,
+            burst=config.push_burst,
+            interval=config.push_interval,
+            max_in_flight=config.push_max_in_flight,
+        )
         self.placement: Placement = LocalPlacement(self)  # serve() swaps in cluster mode
         self.started = time.monotonic()
         self.shutting_down = False

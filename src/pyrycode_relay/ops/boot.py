@@ -1,9 +1,9 @@
 """Boot-time refusals: the configuration checks that end the process with exit code 2.
 
 Owns: the reference's refusal order (§9.3 steps 2-9, 11, 13; step 5 includes validating the
-PYRYCODE_RELAY_FCM_CREDENTIALS key), its log event names and reasons,
-the Linux capability allowlist and listener-address parsing. Must never: log (the caller logs
-the `Refusal`), read the process state itself (euid, /proc and the
+PYRYCODE_RELAY_FCM_CREDENTIALS key), its log event names and reasons, the Linux capability
+allowlist, and the parsed listener addresses it hands on (`Listeners`). Must never: log (the
+caller logs the `Refusal`), read the process state itself (euid, /proc and the
 platform are passed in so every branch is testable), or put an environment variable's value into
 a refusal — only names.
 
@@ -15,15 +15,14 @@ impossible on Linux.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import urllib.parse
 from collections.abc import Mapping
 from typing import Final
 
+from pyrycode_relay.core.addresses import ListenAddress, Listeners, Network, parse_networks
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.ops.refusal import Refusal
-from pyrycode_relay.tls.proxy import parse_allowlist
 
 ENV_PRODUCTION: Final = "PYRYCODE_RELAY_PRODUCTION"
 ENV_SINGLE_INSTANCE: Final = "PYRYCODE_RELAY_SINGLE_INSTANCE"
@@ -203,8 +202,9 @@ def check_boot(
     euid: int,
     proc_status: str | None,
     platform: str,
-) -> None:
-    """Raise Refusal for the first refused condition, in the reference's order.
+) -> Listeners:
+    """Raise Refusal for the first refused condition, in the reference's order; return what
+    the configuration binds, parsed.
 
     `proc_status` is the text of /proc/self/status (None if unreadable); `platform` is
     `sys.platform`.
@@ -228,8 +228,9 @@ def check_boot(
                     else f"refusing to start: --insecure-listen is mutually exclusive with --{flag}"
                 )
                 raise Refusal(msg, {"value": f"--{flag}", "fix": _FIX_INSECURE_EXCLUSIVE})
+        proxy_allow: tuple[Network, ...] = ()
     else:
-        _check_tls_flags(config, static)
+        proxy_allow = _check_tls_flags(config, static)
 
     if config.max_connections <= 0:
         raise Refusal(
@@ -296,23 +297,32 @@ def check_boot(
     if platform == "linux" and euid != 0:
         _check_capabilities(proc_status)
 
-    if config.metrics_listen != "" and not is_loopback_listen_address(config.metrics_listen):
-        raise Refusal(
-            MSG_METRICS_LISTEN,
-            {"reason": REASON_METRICS, "addr": config.metrics_listen, "fix": _FIX_METRICS},
-        )
+    metrics: ListenAddress | None = None
+    if config.metrics_listen != "":
+        try:
+            metrics = ListenAddress.parse(config.metrics_listen)
+        except ValueError:
+            metrics = None
+        if metrics is None or not metrics.is_loopback_literal:
+            raise Refusal(
+                MSG_METRICS_LISTEN,
+                {"reason": REASON_METRICS, "addr": config.metrics_listen, "fix": _FIX_METRICS},
+            )
 
     if insecure:
-        listeners = [config.insecure_listen]
+        texts = [config.insecure_listen]
     elif static:
-        listeners = [config.https_listen]  # no ACME, so no port-80 listener
+        texts = [config.https_listen]  # no ACME, so no port-80 listener
     else:
-        listeners = [config.https_listen, config.http_listen]
-    for addr in listeners:
+        texts = [config.https_listen, config.http_listen]
+    parsed: list[ListenAddress] = []
+    for text in texts:
         try:
-            parse_listen_address(addr)
+            parsed.append(ListenAddress.parse(text))
         except ValueError as exc:
-            raise Refusal(MSG_LISTENER, {"reason": str(exc), "addr": addr}) from None
+            raise Refusal(MSG_LISTENER, {"reason": str(exc), "addr": text}) from None
+    acme = parsed[1] if len(parsed) > 1 else None
+    return Listeners(main=parsed[0], acme=acme, metrics=metrics, proxy_allow=proxy_allow)
 
 
 def _check_cluster_flags(config: Config) -> None:
@@ -376,7 +386,7 @@ def _check_fcm_credentials(value: str) -> None:
         ) from None
 
 
-def _check_tls_flags(config: Config, static: bool) -> None:
+def _check_tls_flags(config: Config, static: bool) -> tuple[Network, ...]:
     """Flag rules of the TLS modes (ours; the reference has only autocert)."""
     if static:
         if config.tls_cert == "" or config.tls_key == "":
@@ -392,7 +402,7 @@ def _check_tls_flags(config: Config, static: bool) -> None:
             {"reason": "relay: --proxy-protocol-allow needs --https-proxy-protocol"},
         )
     try:
-        parse_allowlist(config.proxy_protocol_allow)
+        return parse_networks(config.proxy_protocol_allow)
     except ValueError as exc:
         raise Refusal(MSG_PROXY_ALLOW, {"reason": f"relay: {exc}"}) from None
 
@@ -435,75 +445,3 @@ def capability_names(mask: int) -> str:
         if mask >> bit & 1:
             names.append(CAPABILITY_NAMES[bit] if bit < len(CAPABILITY_NAMES) else f"cap_{bit}")
     return ",".join(names)
-
-
-def _split_host_port(value: str) -> tuple[str, str]:
-    """Go's net.SplitHostPort: `host:port`, `[v6]:port`, `:port`; brackets stripped."""
-    i = value.rfind(":")
-    if i < 0:
-        raise ValueError("missing port in address")
-    j = k = 0
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0:
-            raise ValueError("missing ']' in address")
-        if end + 1 == len(value):
-            raise ValueError("missing port in address")
-        if end + 1 != i:
-            if value[end + 1] == ":":
-                raise ValueError("too many colons in address")
-            raise ValueError("missing port in address")
-        host = value[1:end]
-        j, k = 1, end + 1
-    else:
-        host = value[:i]
-        if ":" in host:
-            raise ValueError("too many colons in address")
-    if "[" in value[j:]:
-        raise ValueError("unexpected '[' in address")
-    if "]" in value[k:]:
-        raise ValueError("unexpected ']' in address")
-    return host, value[i + 1 :]
-
-
-def parse_listen_address(value: str) -> tuple[str, int]:
-    """Parse a listener address `[host]:port` into (host, port); host "" means all interfaces.
-
-    IPv6 brackets are stripped. The port must be decimal 1..65535 (0 would bind an ephemeral
-    port nobody expects). Raises ValueError with a one-line `relay: ...` reason.
-    """
-    if value == "":
-        raise ValueError("relay: listener address is empty")
-    try:
-        host, port_text = _split_host_port(value)
-    except ValueError as exc:
-        raise ValueError(f"relay: parsing listener address: {exc}") from None
-    if not (port_text.isascii() and port_text.isdigit()):
-        raise ValueError("relay: parsing listener address: port is not a decimal number")
-    port = int(port_text)
-    if port == 0:
-        raise ValueError("relay: parsing listener address: port 0 is not permitted")
-    if port > 65535:
-        raise ValueError("relay: parsing listener address: port out of range")
-    return host, port
-
-
-def is_loopback_listen_address(value: str) -> bool:
-    """True for `<loopback IP literal>:<port>` (127.0.0.0/8 or ::1, port 1..65535).
-
-    Hostnames, even `localhost`, are refused: a name resolves again at bind time, so a check on
-    it would be a TOCTOU race.
-    """
-    try:
-        host, _port = parse_listen_address(value)
-    except ValueError:
-        return False
-    if "%" in host:  # a zone index is never loopback, and Go's ParseIP refuses it
-        return False
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback

@@ -15,6 +15,8 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import TextIO
 
+from pyrycode_relay.core.duration import format_duration
+
 # Reference §13 keys, the keys only its main.go uses, and the ones our additions need
 # (`scope` for per-IP caps, `signal` for shutdown lines, `serial`/`not_after` for the
 # certificate being served, `cluster`/`instance_id` for cluster mode's instance names).
@@ -166,42 +168,6 @@ def _go_float(f: float) -> str:
     return f"{neg}{digits[:dp]}.{digits[dp:]}"
 
 
-def go_duration(seconds: float) -> str:
-    """time.Duration.String() for a duration given in seconds (rounded to nanoseconds)."""
-    u = round(seconds * 1e9)
-    neg = u < 0
-    u = abs(u)
-    if u == 0:
-        return "0s"
-    if u < 1_000_000_000:
-        if u < 1_000:
-            unit, prec = "ns", 0
-        elif u < 1_000_000:
-            unit, prec = "\u00b5s", 3
-        else:
-            unit, prec = "ms", 6
-        text = _frac(u, prec) + unit
-    else:
-        text = _frac(u, 9) + "s"
-        minutes = u // 1_000_000_000 // 60
-        if minutes:
-            hours = minutes // 60
-            text = f"{minutes % 60}m{text}"
-            if hours:
-                text = f"{hours}h{text}"
-    return ("-" if neg else "") + text
-
-
-def _frac(u: int, prec: int) -> str:
-    # Go's fmtInt(fmtFrac(...)) for the lowest unit: whole part mod 60 only when prec == 9
-    scale = 10**prec
-    whole, frac = divmod(u, scale)
-    if prec == 9:
-        whole %= 60
-    tail = f"{frac:0{prec}d}".rstrip("0") if prec else ""
-    return f"{whole}.{tail}" if tail else str(whole)
-
-
 def _offset(dt: datetime) -> str:
     off = dt.utcoffset()
     if off is None or off == timedelta(0):
@@ -247,9 +213,9 @@ def _text_value(key: str, v: object) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, timedelta):
-        return go_duration(v.total_seconds())
+        return format_duration(v.total_seconds())
     if key == "duration" and isinstance(v, int | float):
-        return go_duration(v)
+        return format_duration(v)
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):

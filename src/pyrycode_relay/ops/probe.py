@@ -32,7 +32,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from pyrycode_relay import __version__
-from pyrycode_relay.core.config import parse_duration
+from pyrycode_relay.core.duration import parse_duration
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _HEALTHZ_MAX_BYTES = 4096  # the relay's body is ~135 bytes; anything bigger is not a relay
@@ -343,7 +343,7 @@ def _parser() -> argparse.ArgumentParser:
 def _parse_timeout(text: str) -> float:
     try:
         timeout = parse_duration(text)
-    except Exception:  # the parser's error type is private to core.config
+    except ValueError:
         raise ValueError("--timeout is not a duration (e.g. 10s, 500ms)") from None
     if timeout <= 0:
         raise ValueError("--timeout must be > 0")

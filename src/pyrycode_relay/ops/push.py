@@ -19,7 +19,6 @@ from functools import partial
 from typing import Final, Protocol
 
 from pyrycode_relay.core.clock import Clock
-from pyrycode_relay.core.config import Config
 from pyrycode_relay.core.push_admission import PushAdmission
 from pyrycode_relay.ops.log import Logger
 
@@ -74,21 +73,25 @@ class PushWaker:
 
     def __init__(
         self,
-        config: Config,
         log: Logger,
         sender: PushSender | None,
         *,
+        burst: int,
+        interval: float,
+        max_in_flight: int,
         clock: Clock = time.monotonic,
     ) -> None:
+        """`burst`/`interval`: each server-id's token bucket (--push-burst,
+        --push-interval); `max_in_flight`: sends at once, relay-wide (--push-max-in-flight)."""
         self._log = log
         self._sender = sender
         self._clock = clock
         self.enabled = sender is not None
         self.admission = PushAdmission(
             enabled=self.enabled,
-            burst=config.push_burst,
-            interval=config.push_interval,
-            max_in_flight=config.push_max_in_flight,
+            burst=burst,
+            interval=interval,
+            max_in_flight=max_in_flight,
             clock=clock,
         )
         # Read by the metrics collector; exported only when push is on (reference §12).

@@ -19,26 +19,26 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 
+from pyrycode_relay.core.addresses import ListenAddress, Listeners
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.endpoints.relay import Relay
 from pyrycode_relay.endpoints.router import MainRouter
-from pyrycode_relay.ops.boot import parse_listen_address
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
 from pyrycode_relay.tls.acme import AcmeSettings, AutoCert
 from pyrycode_relay.tls.certcache import CertCacheRefusal, prepare_cert_cache
 from pyrycode_relay.tls.certs import CertificateError, CertSwitch, load_pair
-from pyrycode_relay.tls.proxy import parse_allowlist
 from pyrycode_relay.tls.proxyfront import ProxyListener, bind_sockets
 from pyrycode_relay.tls.routes import AcmeHttpRouter, HostGate
-from pyrycode_relay.transport.connection import Connection, ConnSettings, Listener, Router
+from pyrycode_relay.transport.connection import Connection, ConnSettings, Listener, Router, listen
 
 
 class TlsFrontEnd:
     """One TLS mode's certificate source and listeners."""
 
-    def __init__(self, config: Config, log: Logger, version: str) -> None:
+    def __init__(self, config: Config, listeners: Listeners, log: Logger, version: str) -> None:
         self.config = config
+        self.addresses = listeners
         self.log = log
         self.static = bool(config.tls_cert)
         self.switch = CertSwitch(config.domain)
@@ -96,26 +96,28 @@ class TlsFrontEnd:
 
     def listeners(
         self, relay: Relay, settings: ConnSettings, live: set[Connection]
-    ) -> list[tuple[str, Callable[[], Awaitable[Listener]]]]:
+    ) -> list[tuple[ListenAddress, Callable[[], Awaitable[Listener]]]]:
         """(address, opener) for each listener, in bind order: the challenge listener
         first, so ACME can validate as soon as the HTTPS side exists."""
         config = self.config
         main: Router = MainRouter(relay)
         if config.domain:
             main = HostGate(main, config.domain)
-        out: list[tuple[str, Callable[[], Awaitable[Listener]]]] = []
+        out: list[tuple[ListenAddress, Callable[[], Awaitable[Listener]]]] = []
         if self.autocert is not None:
             acme_router = AcmeHttpRouter(config.domain, self.autocert.challenges)
-            http = config.http_listen
-            out.append((http, lambda: _plain(http, acme_router, settings, live)))
-        out.append((config.https_listen, lambda: self._https(main, settings, live)))
+            http = self.addresses.acme
+            assert http is not None  # ACME mode always has its port-80 listener
+            out.append((http, lambda: listen(http, acme_router, settings, live)))
+        out.append((self.addresses.main, lambda: self._https(main, settings, live)))
         return out
 
     async def _https(
         self, router: Router, settings: ConnSettings, live: set[Connection]
     ) -> Listener:
         config = self.config
-        host, port = parse_listen_address(config.https_listen)
+        address = self.addresses.main
+        host, port = address.host, address.port
         settings = dataclasses.replace(settings, write_high_floor=1)  # see ConnSettings
         if config.https_proxy_protocol:
             sockets = bind_sockets(host, port)
@@ -127,7 +129,7 @@ class TlsFrontEnd:
                 sockets,
                 self.switch.front,
                 make,
-                parse_allowlist(config.proxy_protocol_allow),
+                self.addresses.proxy_allow,
                 config.handshake_timeout,
             )
         loop = asyncio.get_running_loop()
@@ -164,13 +166,3 @@ class TlsFrontEnd:
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-
-
-async def _plain(
-    address: str, router: Router, settings: ConnSettings, live: set[Connection]
-) -> Listener:
-    host, port = parse_listen_address(address)
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: Connection(router, settings, live), host or None, port, backlog=4096
-    )

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from pyrycode_relay.core.addresses import Network
+
 SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 FIXED_LEN: Final = 16  # signature (12) + ver/cmd + fam/proto + 2-byte length
 
@@ -32,24 +34,6 @@ FAM_INET6: Final = 0x2
 PROTO_STREAM: Final = 0x1
 
 _ADDR_LEN: Final = {FAM_INET: 12, FAM_INET6: 36}
-
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_allowlist(text: str) -> list[Network]:
-    """`--proxy-protocol-allow`: comma-separated CIDRs (or bare IPs); ValueError with the
-    offending entry when one does not parse. Empty text = every peer may send a header."""
-    nets: list[Network] = []
-    for part in text.split(","):
-        entry = part.strip()
-        if not entry:
-            continue
-        try:
-            nets.append(ipaddress.ip_network(entry, strict=False))
-        except ValueError:
-            raise ValueError(f"not a CIDR: {entry!r}") from None
-    return nets
 
 
 def peer_allowed(host: str, allow: Sequence[Network]) -> bool:

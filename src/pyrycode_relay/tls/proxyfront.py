@@ -27,7 +27,8 @@ import socket
 import ssl
 from collections.abc import Callable, Sequence
 
-from pyrycode_relay.tls.proxy import Network, ProxyError, needed, parse_proxy_v2, peer_allowed
+from pyrycode_relay.core.addresses import Network
+from pyrycode_relay.tls.proxy import ProxyError, needed, parse_proxy_v2, peer_allowed
 from pyrycode_relay.transport.connection import Connection
 
 _ACCEPT_ERROR_PAUSE = 0.1  # EMFILE and friends: back off briefly instead of spinning

@@ -26,6 +26,7 @@ from websockets.protocol import OPEN, Side
 from websockets.protocol import Protocol as WsProtocol
 from websockets.server import ServerProtocol
 
+from pyrycode_relay.core.addresses import ListenAddress
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.core.envelope import is_utf8
 from pyrycode_relay.transport.http import (
@@ -123,6 +124,18 @@ class Router(TypingProtocol):
     `accept_websocket()` on the connection before returning."""
 
     def route(self, conn: Connection, head: RequestHead) -> None: ...
+
+
+async def listen(
+    address: ListenAddress, router: Router, settings: ConnSettings, live: set[Connection]
+) -> asyncio.Server:
+    """A plain TCP listener whose every connection is a `Connection` on `router`."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> Connection:
+        return Connection(router, settings, live)
+
+    return await loop.create_server(factory, address.host or None, address.port, backlog=4096)
 
 
 def websocket_handshake(head: RequestHead) -> bytes | None:
