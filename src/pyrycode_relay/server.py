@@ -25,7 +25,7 @@ from pyrycode_relay.ops import logbridge
 from pyrycode_relay.ops.boot import ENV_FCM_CREDENTIALS, MSG_ENV, REASON_FCM_CREDENTIALS
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.metrics import MetricsExporter
-from pyrycode_relay.ops.push import PushSender, build_sender
+from pyrycode_relay.ops.push import PushSender
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
 from pyrycode_relay.transport.connection import Connection, ConnSettings, Listener, listen
 
@@ -147,6 +147,9 @@ class RelayServer:
     def _push_sender(self) -> PushSender | None:
         if self._fcm_credentials is None:
             return None
+        # Imported here: only a relay with push on loads google-auth, httpx and cryptography.
+        from pyrycode_relay.ops.fcm import build_sender
+
         try:
             return build_sender(self._fcm_credentials, self.config.fcm_endpoint)
         except ValueError:

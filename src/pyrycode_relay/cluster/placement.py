@@ -33,9 +33,8 @@ from pyrycode_relay.ops.refusal import Refusal
 from pyrycode_relay.transport.timers import probe
 
 if TYPE_CHECKING:
-    from pyrycode_relay.endpoints.client import PhoneSession
     from pyrycode_relay.endpoints.relay import Relay
-    from pyrycode_relay.endpoints.server import BinarySession
+    from pyrycode_relay.endpoints.roles import Binary, Phone
 
 _T = TypeVar("_T")
 
@@ -44,7 +43,7 @@ REASON_UNAVAILABLE: Final = "cluster unavailable"
 REASON_OWNER_GONE: Final = "server owner gone"
 STOP_TIMEOUT: Final = 2.0
 REDIS_CONNECTIONS: Final = 32
-_NO_PHONES: Final[dict[str, PhoneSession]] = {}
+_NO_PHONES: Final[dict[str, Phone]] = {}
 _TO_PHONE: Final = frozenset(
     (codec.DELIVER, codec.DIRECTIVE, codec.EVICT, codec.END, codec.PAUSE, codec.RESUME)
 )
@@ -104,7 +103,7 @@ class RemotePhone:
         self.edge = edge
         self.server_id = server_id
         self.conn_id = conn_id
-        self.binary: BinarySession | None = None  # the holder when it was admitted
+        self.binary: Binary | None = None  # the holder when it was admitted
         self.ended = False  # an END is on its way: later frames need no second one
         self.paused = False  # a PAUSE is in force at the edge
 
@@ -144,12 +143,12 @@ class _Route:
         self.placement = placement
         self.owner = owner
 
-    def forward(self, phone: PhoneSession, envelope: bytes) -> bool:
+    def forward(self, phone: Phone, envelope: bytes) -> bool:
         return self.placement.bus.send(
             self.owner, (codec.FRAME, phone.server_id, phone.conn_id, envelope), len(envelope)
         )
 
-    def closed(self, phone: PhoneSession, notice_code: int) -> None:
+    def closed(self, phone: Phone, notice_code: int) -> None:
         placement = self.placement
         _discard(placement.edges, self.owner, phone.conn_id, phone)
         placement.bus.send(self.owner, (codec.GONE, phone.server_id, phone.conn_id, notice_code))
@@ -205,28 +204,28 @@ class ClusterPlacement:
         )
         self.stats = ClusterStats()
         # phone side: owner instance → our phones whose binary it holds
-        self.edges: dict[str, dict[str, PhoneSession]] = {}
+        self.edges: dict[str, dict[str, Phone]] = {}
         # owner side: edge instance → proxies in our registry for its phones
         self.proxies: dict[str, dict[str, RemotePhone]] = {}
         self._routes: dict[str, _Route] = {}
         self._peers: dict[str, str] = {}  # instance → incarnation last heard from it
         self._tasks: set[asyncio.Task[Any]] = set()
         # binaries between their id lookup and their claim: the owner found (None: failed)
-        self._acquired: dict[BinarySession, str | None] = {}
+        self._acquired: dict[Binary, str | None] = {}
         self._claims = _ClaimsInFlight()
         self._ticker: asyncio.Task[None] | None = None
 
     # -- Placement ------------------------------------------------------------------
 
-    def before_accept(self, binary: BinarySession, accept: Callable[[], None]) -> None:
+    def before_accept(self, binary: Binary, accept: Callable[[], None]) -> None:
         if self.relay.registry.binary(binary.server_id) is not None or not self.bus.up:
             accept()  # held here already, or Redis is down (the claim then says 1013)
             return
-        binary.conn.pause_reading()  # nothing is read until the 101
+        binary.hold()  # nothing is read until the 101
         self._claims.begin(binary.server_id)
         self._spawn(self._acquire(binary, accept))
 
-    async def _acquire(self, binary: BinarySession, accept: Callable[[], None]) -> None:
+    async def _acquire(self, binary: Binary, accept: Callable[[], None]) -> None:
         sid = binary.server_id
         owner: str | None
         try:
@@ -234,17 +233,17 @@ class ClusterPlacement:
         except FAILURES:
             owner = None
         try:
-            if binary.conn.closing:  # the client left before its 101
+            if binary.closing:  # the client left before its 101
                 if owner == self.me:
                     await self._release([sid])
                 return
-            binary.conn.resume_reading()
+            binary.release()
             self._acquired[binary] = owner
             accept()  # the 101, then `claim` at once
         finally:
             self._claims.end(sid)
 
-    def claim(self, binary: BinarySession) -> None:
+    def claim(self, binary: Binary) -> None:
         owner = self._acquired.pop(binary, None)
         if self.relay.registry.binary(binary.server_id) is not None or owner == self.me:
             binary.claim_local()  # held here (live or in grace), or the id was free
@@ -252,15 +251,15 @@ class ClusterPlacement:
         if owner is None:  # Redis failed (or was down) when the id was looked up
             binary.refuse(UNAVAILABLE, REASON_UNAVAILABLE)
             return
-        binary.conn.pause_reading()  # until decided, nothing is read
+        binary.hold()  # until decided, nothing is read
         self._claims.begin(binary.server_id)
         self._spawn(self._claim(binary, owner))
 
-    def admit(self, phone: PhoneSession) -> None:
+    def admit(self, phone: Phone) -> None:
         if self.relay.registry.binary(phone.server_id) is not None:
             phone.register_local()
             return
-        phone.conn.pause_reading()  # early frames wait for the owner's answer
+        phone.hold()  # early frames wait for the owner's answer
         self._spawn(self._admit(phone))
 
     def expired(self, server_id: str) -> None:
@@ -344,13 +343,13 @@ class ClusterPlacement:
 
     # -- claims ---------------------------------------------------------------------
 
-    async def _claim(self, binary: BinarySession, owner: str) -> None:
+    async def _claim(self, binary: Binary, owner: str) -> None:
         try:
             await self._claim_from(binary, owner)
         finally:
             self._claims.end(binary.server_id)
 
-    async def _claim_from(self, binary: BinarySession, owner: str) -> None:
+    async def _claim_from(self, binary: Binary, owner: str) -> None:
         """`owner` (another instance) holds the lease: have it probe its binary."""
         sid = binary.server_id
         try:
@@ -379,8 +378,8 @@ class ClusterPlacement:
             binary.refuse(UNAVAILABLE, REASON_UNAVAILABLE)
             return
         finally:
-            binary.conn.resume_reading()
-        if binary.conn.closing:
+            binary.release()
+        if binary.closing:
             if self.relay.registry.binary(sid) is None:
                 self._spawn(self._release([sid]))  # the claimant left: do not sit on the id
             return
@@ -405,18 +404,18 @@ class ClusterPlacement:
                 self.bus.reply(claimant, req, codec.ALIVE)  # a newer holder: let it keep the id
                 return
             self._surrender(sid, holder)
-            holder.conn.close(1011, "heartbeat timeout")
+            holder.close(1011, "heartbeat timeout")
             self._spawn(self._hand_over(claimant, req, sid, codec.DEAD))
 
         probe(
-            holder.conn,
+            holder,
             self.relay.loop,
             self.relay.config.conflict_probe_timeout,
             alive=lambda: self.bus.reply(claimant, req, codec.ALIVE),
             silent=silent,
         )
 
-    def _surrender(self, sid: str, holder: BinarySession) -> None:
+    def _surrender(self, sid: str, holder: Binary) -> None:
         phones = self.relay.registry.surrender(sid, holder)
         if phones:
             self.relay.evict_reclaimed(phones)
@@ -430,7 +429,7 @@ class ClusterPlacement:
 
     # -- phones whose binary is elsewhere -------------------------------------------
 
-    async def _admit(self, phone: PhoneSession) -> None:
+    async def _admit(self, phone: Phone) -> None:
         sid = phone.server_id
         try:
             owner, outcome = await self._ask_owner(phone)
@@ -438,8 +437,8 @@ class ClusterPlacement:
             phone.unavailable(UNAVAILABLE, REASON_UNAVAILABLE)
             return
         finally:
-            phone.conn.resume_reading()
-        if phone.conn.closing:  # the phone left while we asked
+            phone.release()
+        if phone.closing:  # the phone left while we asked
             if owner is not None and outcome == Register.OK.value:
                 self.bus.send(owner, (codec.GONE, sid, phone.conn_id, 0))
             return
@@ -458,7 +457,7 @@ class ClusterPlacement:
             route = self._routes[owner] = _Route(self, owner)
         phone.register_remote(route)
 
-    async def _ask_owner(self, phone: PhoneSession) -> tuple[str | None, Any]:
+    async def _ask_owner(self, phone: Phone) -> tuple[str | None, Any]:
         """(the id's owner, its admission answer); (us or None, None) to decide here."""
         sid = phone.server_id
         if not self.bus.up:
@@ -667,7 +666,7 @@ class ClusterPlacement:
                 continue
             # Another instance holds the id now (we were cut off past our lease): it wins.
             self._surrender(sid, holder)
-            holder.conn.close(1011, "heartbeat timeout")
+            holder.close(1011, "heartbeat timeout")
 
     async def _check_peers(self) -> None:
         peers = list(set(self.edges) | set(self.proxies))

@@ -26,9 +26,8 @@ from pyrycode_relay.core.registry import Register
 from pyrycode_relay.transport.connection import Connection
 
 if TYPE_CHECKING:
-    from pyrycode_relay.endpoints.placement import RemoteRoute
     from pyrycode_relay.endpoints.relay import Relay
-    from pyrycode_relay.endpoints.server import BinarySession
+    from pyrycode_relay.endpoints.roles import Binary, RemoteRoute
 
 ERR_BACKLOG_FULL = "relay: phone delivery backlog full"
 ERR_OUTBOX_CLOSED = "relay: phone outbox closed"
@@ -66,13 +65,25 @@ class PhoneSession:
         self._prefix = frame_prefix(self.conn_id)
         self.outbox = Outbox(relay.config.phone_outbox_bytes, relay.budget)
         self._registered = False
-        self._binary: BinarySession | None = None  # the binary at registration time
+        self._binary: Binary | None = None  # the binary at registration time
         self._route: RemoteRoute | None = None  # cluster mode: the owner instance's bus
         self._directed = False  # the binary queued a close directive for us
         self._notice_code: int | None = None  # set when our own teardown implies 1001
 
     def start(self) -> None:
         self.relay.placement.admit(self)
+
+    # -- what a placement sees (roles.Phone) --------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        return self.conn.closing
+
+    def hold(self) -> None:
+        self.conn.pause_reading()
+
+    def release(self) -> None:
+        self.conn.resume_reading()
 
     def register_local(self) -> None:
         """Registration with the binary on this instance (4404 when there is none)."""
@@ -297,7 +308,7 @@ class PhoneSession:
             return GOING_AWAY
         return conn.peer_close_code or conn.relay_close_code or GOING_AWAY
 
-    def _send_close_notice(self, binary: BinarySession) -> None:
+    def _send_close_notice(self, binary: Binary) -> None:
         code = self._notice_close_code()
         if not binary.notify(close_notice(self.conn_id, code)):
             self.relay.log.info(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.core.conncap import ConnectionCaps
@@ -18,13 +17,10 @@ from pyrycode_relay.core.outbox import BufferBudget
 from pyrycode_relay.core.ratelimit import TokenBucketLimiter
 from pyrycode_relay.core.registry import GraceToken, Registry
 from pyrycode_relay.core.stats import RelayStats
-from pyrycode_relay.endpoints.placement import LocalPlacement, Placement
+from pyrycode_relay.endpoints.placement import LocalPlacement
+from pyrycode_relay.endpoints.roles import Binary, PhoneEndpoint, Placement
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.push import PushSender, PushWaker
-
-if TYPE_CHECKING:
-    from pyrycode_relay.endpoints.placement import PhoneEndpoint
-    from pyrycode_relay.endpoints.server import BinarySession
 
 
 class Relay:
@@ -36,7 +32,7 @@ class Relay:
         self.version = version
         self.loop = asyncio.get_running_loop()
         self.stats = RelayStats()
-        self.registry: Registry[BinarySession, PhoneEndpoint] = Registry()
+        self.registry: Registry[Binary, PhoneEndpoint] = Registry()
         self.limiter = TokenBucketLimiter(
             config.rate_limit_burst, config.rate_limit_interval, time.monotonic
         )
@@ -49,7 +45,9 @@ class Relay:
             interval=config.push_interval,
             max_in_flight=config.push_max_in_flight,
         )
-        self.placement: Placement = LocalPlacement(self)  # serve() swaps in cluster mode
+        self.placement: Placement = LocalPlacement(
+            self.registry
+        )  # the server swaps in cluster mode
         self.started = time.monotonic()
         self.shutting_down = False
 

@@ -11,6 +11,7 @@ Must never: wait on a phone's socket or on a push send. Phone delivery only enqu
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pyrycode_relay.core.envelope import EnvelopeError, decode_binary_envelope
@@ -19,8 +20,8 @@ from pyrycode_relay.transport.connection import Connection
 from pyrycode_relay.transport.timers import probe
 
 if TYPE_CHECKING:
-    from pyrycode_relay.endpoints.placement import PhoneEndpoint
     from pyrycode_relay.endpoints.relay import Relay
+    from pyrycode_relay.endpoints.roles import Binary, PhoneEndpoint
 
 
 class BinarySession:
@@ -46,6 +47,24 @@ class BinarySession:
         self.conn_id = f"server-{server_id}-{secrets.token_hex(4)}"
         self._pending = True  # until the claim is decided
         self._blocked: list[PhoneEndpoint] = []  # phones paused until our socket drains
+
+    # -- what a placement and a claimant elsewhere see (roles.Binary) ------------------
+
+    @property
+    def closing(self) -> bool:
+        return self.conn.closing
+
+    def hold(self) -> None:
+        self.conn.pause_reading()
+
+    def release(self) -> None:
+        self.conn.resume_reading()
+
+    def ping(self, on_pong: Callable[[], None]) -> bool:
+        return self.conn.ping(on_pong)
+
+    def close(self, code: int, reason: str = "") -> None:
+        self.conn.close(code, reason)
 
     # -- claim ----------------------------------------------------------------------
 
@@ -78,12 +97,12 @@ class BinarySession:
         )
         self.conn.start_heartbeat()
 
-    def _probe(self, incumbent: BinarySession) -> None:
+    def _probe(self, incumbent: Binary) -> None:
         """Ping the incumbent (§5.2): a pong means it is alive (→ 4409); silence within
         --conflict-probe-timeout means it is dead (→ takeover)."""
         relay = self.relay
         probe(
-            incumbent.conn,
+            incumbent,
             relay.loop,
             relay.config.conflict_probe_timeout,
             alive=self.conflict,
@@ -99,7 +118,7 @@ class BinarySession:
         relay.log.info("server_id_conflict", server_id=self.server_id, remote=self.remote)
         self.conn.close(4409, "server-id already claimed")
 
-    def _take_over(self, incumbent: BinarySession) -> None:
+    def _take_over(self, incumbent: Binary) -> None:
         if self.conn.closing:
             return  # the claimant left during the probe
         relay = self.relay
@@ -112,7 +131,7 @@ class BinarySession:
             return
         self.took_over()
         relay.evict_reclaimed(evicted)
-        incumbent.conn.close(1011, "heartbeat timeout")
+        incumbent.close(1011, "heartbeat timeout")
         self._claimed()
 
     def took_over(self) -> None:

@@ -176,6 +176,11 @@ async def _read_capped(response: httpx.Response, limit: int) -> bytes:
     return b"".join(chunks)[:limit]
 
 
+def build_sender(credentials: str, endpoint: str) -> FcmClient:
+    """The FCM sender for a service-account key; raises CredentialsError."""
+    return FcmClient(parse_service_account(credentials), endpoint)
+
+
 class FcmClient:
     """Sends wakes for one service account. Concurrent sends share one access token and at
     most one token fetch at a time; `aclose()` cancels the fetch and closes the pool."""

@@ -61,13 +61,6 @@ def token_fp(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
-def build_sender(credentials: str, endpoint: str) -> PushSender:
-    """The FCM sender for a service-account key; raises ops.fcm.CredentialsError."""
-    from pyrycode_relay.ops.fcm import FcmClient, parse_service_account
-
-    return FcmClient(parse_service_account(credentials), endpoint)
-
-
 class PushWaker:
     """The relay's push waker; disabled (every wake "push is off") when `sender` is None."""
 
