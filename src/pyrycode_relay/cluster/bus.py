@@ -50,6 +50,16 @@ class BusStats:
 
 
 class Bus:
+    """One instance's end of the cluster bus.
+
+    Concurrency: the loop's thread. `send` only queues (never awaits); the publisher task
+    sends rounds, the subscriber task receives and calls `on_message`/`on_peer`
+    synchronously, one batch at a time; `request` awaits a reply future. It owns both
+    Redis clients it is given and closes them in `close`; `fail` or a Redis error drops
+    the subscription and everything queued, so both ends of every cross-instance pair
+    forget it together (`on_down`).
+    """
+
     def __init__(
         self,
         subscriber: Redis,

@@ -155,6 +155,15 @@ class _Route:
 
 
 class ClusterPlacement:
+    """The `Placement` of one instance in a cluster.
+
+    Concurrency: the loop's thread. Claims and admissions that need Redis or a peer run as
+    tasks it owns (`_spawn`; cancelled at `stop`); bus messages arrive as synchronous
+    callbacks from the bus's subscriber task, and the lease ticker is one more task. It
+    closes sessions only through their roles (refuse, evict, close on a lost lease), and
+    owns the Redis clients, which `stop` closes.
+    """
+
     def __init__(self, relay: Relay) -> None:
         config = relay.config
         self.relay = relay

@@ -37,6 +37,14 @@ GOING_AWAY = 1001
 
 
 class PhoneSession:
+    """One phone's WebSocket on `/v1/client`: admission, its outbox, its teardown.
+
+    Concurrency: runs on the loop's thread from its connection's callbacks (messages,
+    writability, timeouts, close) and from its binary's session (delivery, directives,
+    pause/resume), never from a task. It never closes its binary; it closes only its own
+    connection, and its `on_closed` unregisters it and sends the close notice exactly once.
+    """
+
     __slots__ = (
         "_binary",
         "_directed",

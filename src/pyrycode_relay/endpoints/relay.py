@@ -24,6 +24,13 @@ from pyrycode_relay.ops.push import PushSender, PushWaker
 
 
 class Relay:
+    """What every session of one process shares: config, log, registry, limits, counters,
+    the push waker and the placement.
+
+    Concurrency: the loop's thread only; nothing here awaits. Grace timers are loop timers
+    whose expiry evicts the phones left on a released id.
+    """
+
     def __init__(
         self, config: Config, log: Logger, version: str, push_sender: PushSender | None = None
     ) -> None:

@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 
 
 class BinarySession:
+    """One binary's WebSocket on `/v1/server`: the claim, forwarding, back-pressure, grace.
+
+    Concurrency: runs on the loop's thread from its connection's callbacks and from its
+    phones' sessions (`send`, `notify`), and from the placement's decision (which may come
+    later, from a task, in cluster mode). It closes its own connection and, on a takeover,
+    the incumbent's; phones it only addresses (deliver, directive, evict), never closes
+    directly.
+    """
+
     __slots__ = (
         "_blocked",
         "_pending",

@@ -176,6 +176,18 @@ def _wire_size(payload_length: int) -> int:
 
 
 class Connection(asyncio.Protocol):
+    """One accepted TCP connection, from its request head to its close.
+
+    Concurrency: asyncio calls the Protocol methods on the loop's thread, one at a time;
+    everything else here runs from them or from this connection's timers and
+    `call_soon` callbacks, never from a task. The handler (a session) is called from those
+    same callbacks and may call back in (send, close, pause). Who closes what: the relay
+    closes through `close` (a close frame, then the transport after the close timeout) or
+    `abort`; the transport reports the end once, through `connection_lost`, which stops
+    every timer and runs the handler's `on_closed` (at most once, also when the relay
+    closed first).
+    """
+
     __slots__ = (
         "_backlog_paused",
         "_cork",
