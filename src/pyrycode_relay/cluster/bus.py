@@ -17,13 +17,21 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Final
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from pyrycode_relay.cluster.codec import REPLY, CodecError, channel, decode_batch, encode_batch
+from pyrycode_relay.cluster.codec import (
+    CodecError,
+    Message,
+    Reply,
+    carried_bytes,
+    channel,
+    decode_batch,
+    encode_batch,
+)
 
 BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 2.0
@@ -70,7 +78,7 @@ class Bus:
         connect_timeout: float,
         queue_limit: int,
         on_peer: Callable[[str, str], None],
-        on_message: Callable[[str, list[Any]], None],
+        on_message: Callable[[str, Message], None],
         on_foreign: Callable[[str], None],
         on_up: Callable[[], Awaitable[None]],
         on_down: Callable[[str], None],
@@ -93,13 +101,13 @@ class Bus:
         self._on_down = on_down
         self.stats = BusStats()
         self.up = False
-        self._out: dict[str, list[tuple[Any, ...]]] = {}
+        self._out: dict[str, list[Message]] = {}
         self._queued = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._req = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._pending: dict[int, asyncio.Future[str | None]] = {}
         self._settled = asyncio.Event()  # the first connection attempt ended, either way
         self._subscriber: asyncio.Task[None] | None = None
         self._pubsub: PubSub | None = None  # the live subscription, while there is one
@@ -142,11 +150,11 @@ class Bus:
 
     # -- sending --------------------------------------------------------------------
 
-    def send(self, dest: str, message: tuple[Any, ...], size: int = 0) -> bool:
+    def send(self, dest: str, message: Message) -> bool:
         """Queue one message for `dest`; False when the bus is down (nothing queued)."""
         if not self.up:
             return False
-        self._queued += size + MESSAGE_OVERHEAD
+        self._queued += carried_bytes(message) + MESSAGE_OVERHEAD
         if self._queued > self._queue_limit:
             self.fail("bus queue over its limit")
             return False
@@ -158,15 +166,14 @@ class Bus:
             out.append(message)
         return True
 
-    async def request(self, dest: str, kind: int, *fields: Any, within: float) -> Any:
-        """Send `[kind, req, *fields]` and wait up to `within` seconds for its REPLY's
-        value; None on timeout.
-        Raises BusDown if the bus is (or goes) down meanwhile."""
+    async def request(self, dest: str, make: Callable[[int], Message], within: float) -> str | None:
+        """Send `make(req)` and wait up to `within` seconds for the value of its Reply;
+        None on timeout. Raises BusDown if the bus is (or goes) down meanwhile."""
         req = next(self._req)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._pending[req] = future
         try:
-            if not self.send(dest, (kind, req, *fields)):
+            if not self.send(dest, make(req)):
                 raise BusDown
             return await asyncio.wait_for(future, within)
         except TimeoutError:
@@ -174,8 +181,8 @@ class Bus:
         finally:
             self._pending.pop(req, None)
 
-    def reply(self, dest: str, req: int, value: Any) -> None:
-        self.send(dest, (REPLY, req, value))
+    def reply(self, dest: str, req: int, value: str) -> None:
+        self.send(dest, Reply(req, value))
 
     async def _publish_loop(self) -> None:
         # Each round is one PUBLISH (one peer) or one non-transactional pipeline (several),
@@ -293,10 +300,10 @@ class Bus:
         on_message = self._on_message
         pending = self._pending
         for msg in messages:
-            if msg[0] == REPLY:
-                future = pending.get(msg[1])
+            if isinstance(msg, Reply):
+                future = pending.get(msg.req)
                 if future is not None and not future.done():
-                    future.set_result(msg[2])
+                    future.set_result(msg.value)
             else:
                 on_message(sender, msg)
 
@@ -338,14 +345,14 @@ async def _ping(pubsub: PubSub) -> None:
         await pubsub.ping()
 
 
-def _batches(messages: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
+def _batches(messages: list[Message]) -> list[list[Message]]:
     """Split one peer's messages into publishes of about PUBLISH_BYTES, in order."""
-    batches: list[list[tuple[Any, ...]]] = []
-    current: list[tuple[Any, ...]] = []
+    batches: list[list[Message]] = []
+    current: list[Message] = []
     size = 0
     for msg in messages:
         current.append(msg)
-        size += MESSAGE_OVERHEAD + sum(len(f) for f in msg if isinstance(f, bytes))
+        size += MESSAGE_OVERHEAD + carried_bytes(msg)
         if size >= PUBLISH_BYTES:
             batches.append(current)
             current, size = [], 0

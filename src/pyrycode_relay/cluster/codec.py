@@ -1,7 +1,7 @@
 """The bus wire format between relay instances (cluster mode).
 
-Owns: message kinds and their field order, and packing a batch of messages for one
-destination into one Redis PUBLISH payload (msgpack:
+Owns: the messages (typed: one class per kind, fields in wire order), and packing a batch of
+them for one destination into one Redis PUBLISH payload (msgpack:
 `[version, sender, incarnation, [msg, ...]]`, each msg a list whose first element is its
 kind). `version` changes with any incompatible change here; a payload of another version
 is refused, never misread, and every instance key names its process's version. Frames
@@ -11,25 +11,107 @@ Must never: do I/O, or interpret a frame's content.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 
+
+class _Message(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A bus message: on the wire `[kind, field, ...]`, kind being the class's tag."""
+
+
 # edge (the phone's instance) → owner (the binary's instance)
-ADMIT: Final = 1  # [ADMIT, req, server_id, conn_id]
-FRAME: Final = 2  # [FRAME, server_id, conn_id, envelope]  (already wrapped by the edge)
-GONE: Final = 3  # [GONE, server_id, conn_id, notice_code]  (0: no close notice is due)
+
+
+class Admit(_Message, frozen=True, tag=1):
+    req: int
+    server_id: str
+    conn_id: str
+
+
+class Frame(_Message, frozen=True, tag=2):
+    server_id: str
+    conn_id: str
+    envelope: bytes  # already wrapped by the edge
+
+
+class Gone(_Message, frozen=True, tag=3):
+    server_id: str
+    conn_id: str
+    notice_code: int  # 0: no close notice is due
+
+
 # owner → edge
-DELIVER: Final = 4  # [DELIVER, conn_id, frame]
-DIRECTIVE: Final = 5  # [DIRECTIVE, conn_id, frame or nil, close_code]
-EVICT: Final = 6  # [EVICT, conn_id, close_code, reason]
-END: Final = 7  # [END, conn_id]  (the frame met no live binary: close the phone 1000)
-BYE: Final = 8  # [BYE]  (the owner is leaving: every phone routed to it is orphaned)
-PAUSE: Final = 11  # [PAUSE, conn_id]  (the binary's socket is congested: stop reading)
-RESUME: Final = 12  # [RESUME, conn_id]  (it drained: read again)
+
+
+class Deliver(_Message, frozen=True, tag=4):
+    conn_id: str
+    frame: bytes
+
+
+class Directive(_Message, frozen=True, tag=5):
+    conn_id: str
+    frame: bytes | None
+    close_code: int
+
+
+class Evict(_Message, frozen=True, tag=6):
+    conn_id: str
+    close_code: int
+    reason: str
+
+
+class End(_Message, frozen=True, tag=7):
+    """The frame met no live binary: close the phone 1000."""
+
+    conn_id: str
+
+
+class Bye(_Message, frozen=True, tag=8):
+    """The owner is leaving: every phone routed to it is orphaned."""
+
+
+class Pause(_Message, frozen=True, tag=11):
+    """The binary's socket is congested: stop reading the phone."""
+
+    conn_id: str
+
+
+class Resume(_Message, frozen=True, tag=12):
+    """It drained: read the phone again."""
+
+    conn_id: str
+
+
 # claimant → owner, and every reply
-PROBE: Final = 9  # [PROBE, req, server_id]
-REPLY: Final = 10  # [REPLY, req, value]
+
+
+class Probe(_Message, frozen=True, tag=9):
+    req: int
+    server_id: str
+
+
+class Reply(_Message, frozen=True, tag=10):
+    req: int
+    value: str | None
+
+
+Message = (
+    Admit | Frame | Gone | Deliver | Directive | Evict | End | Bye | Pause | Resume | Probe | Reply
+)
+ToPhone = Deliver | Directive | Evict | End | Pause | Resume  # addressed to a phone at the edge
+
+
+def carried_bytes(msg: Message) -> int:
+    """The frame bytes a message carries (what the bus queue counts against its limit)."""
+    if isinstance(msg, Frame):
+        return len(msg.envelope)
+    if isinstance(msg, Deliver):
+        return len(msg.frame)
+    if isinstance(msg, Directive) and msg.frame is not None:
+        return len(msg.frame)
+    return 0
+
 
 # PROBE replies
 ALIVE: Final = "alive"  # the incumbent answered the ping: the claimant gets 4409
@@ -39,7 +121,8 @@ DEAD: Final = "dead"  # the incumbent stayed silent: closed 1011, a takeover
 VERSION: Final = 1
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(tuple[int, str, str, list[list[Any]]])
+_header = msgspec.msgpack.Decoder(tuple[int, str, str, msgspec.Raw])
+_messages = msgspec.msgpack.Decoder(list[Message])
 
 
 class CodecError(ValueError):
@@ -61,15 +144,17 @@ def channel(instance_id: str) -> str:
     return f"pyrycode-relay:inst:{instance_id}"
 
 
-def encode_batch(sender: str, incarnation: str, messages: list[tuple[Any, ...]]) -> bytes:
+def encode_batch(sender: str, incarnation: str, messages: list[Message]) -> bytes:
     return _encoder.encode((VERSION, sender, incarnation, messages))
 
 
-def decode_batch(payload: bytes) -> tuple[str, str, list[list[Any]]]:
+def decode_batch(payload: bytes) -> tuple[str, str, list[Message]]:
+    """The header first: a payload of another version is named as such, not misread."""
     try:
-        version, sender, incarnation, messages = _decoder.decode(payload)
+        version, sender, incarnation, raw = _header.decode(payload)
+        if version != VERSION:
+            raise CodecError(f"bus format version {version}, this relay speaks {VERSION}")
+        messages = _messages.decode(raw)
     except msgspec.DecodeError as exc:
         raise CodecError(str(exc)) from None
-    if version != VERSION:
-        raise CodecError(f"bus format version {version}, this relay speaks {VERSION}")
     return sender, incarnation, messages

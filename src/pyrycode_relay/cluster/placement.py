@@ -44,9 +44,6 @@ REASON_OWNER_GONE: Final = "server owner gone"
 STOP_TIMEOUT: Final = 2.0
 REDIS_CONNECTIONS: Final = 32
 _NO_PHONES: Final[dict[str, Phone]] = {}
-_TO_PHONE: Final = frozenset(
-    (codec.DELIVER, codec.DIRECTIVE, codec.EVICT, codec.END, codec.PAUSE, codec.RESUME)
-)
 
 
 class ClusterStats:
@@ -108,16 +105,15 @@ class RemotePhone:
         self.paused = False  # a PAUSE is in force at the edge
 
     def deliver(self, frame: bytes) -> None:
-        self.placement.bus.send(self.edge, (codec.DELIVER, self.conn_id, frame), len(frame))
+        self.placement.bus.send(self.edge, codec.Deliver(self.conn_id, frame))
 
     def close_directive(self, frame: bytes | None, close_code: int) -> None:
-        size = 0 if frame is None else len(frame)
-        self.placement.bus.send(self.edge, (codec.DIRECTIVE, self.conn_id, frame, close_code), size)
+        self.placement.bus.send(self.edge, codec.Directive(self.conn_id, frame, close_code))
 
     def evict(self, code: int, reason: str) -> None:
         # Called after the registry let go of us (reclaim, takeover, expiry).
         self.placement.forget_proxy(self)
-        self.placement.bus.send(self.edge, (codec.EVICT, self.conn_id, code, reason))
+        self.placement.bus.send(self.edge, codec.Evict(self.conn_id, code, reason))
 
     def pause(self) -> bool:
         """The binary is congested: the edge stops reading the phone, as it would here.
@@ -125,13 +121,13 @@ class RemotePhone:
         if self.paused:
             return False  # already in the binary's blocked list
         self.paused = True
-        self.placement.bus.send(self.edge, (codec.PAUSE, self.conn_id))
+        self.placement.bus.send(self.edge, codec.Pause(self.conn_id))
         return True
 
     def resume(self) -> None:
         if self.paused:
             self.paused = False
-            self.placement.bus.send(self.edge, (codec.RESUME, self.conn_id))
+            self.placement.bus.send(self.edge, codec.Resume(self.conn_id))
 
 
 class _Route:
@@ -145,13 +141,13 @@ class _Route:
 
     def forward(self, phone: Phone, envelope: bytes) -> bool:
         return self.placement.bus.send(
-            self.owner, (codec.FRAME, phone.server_id, phone.conn_id, envelope), len(envelope)
+            self.owner, codec.Frame(phone.server_id, phone.conn_id, envelope)
         )
 
     def closed(self, phone: Phone, notice_code: int) -> None:
         placement = self.placement
         _discard(placement.edges, self.owner, phone.conn_id, phone)
-        placement.bus.send(self.owner, (codec.GONE, phone.server_id, phone.conn_id, notice_code))
+        placement.bus.send(self.owner, codec.Gone(phone.server_id, phone.conn_id, notice_code))
 
 
 class ClusterPlacement:
@@ -337,7 +333,7 @@ class ClusterPlacement:
             task.cancel()
         if self.bus.up:
             for edge in list(self.proxies):
-                self.bus.send(edge, (codec.BYE,))
+                self.bus.send(edge, codec.Bye())
             with contextlib.suppress(*FAILURES):
                 await asyncio.wait_for(self._leave(), STOP_TIMEOUT)
         await self.bus.close(STOP_TIMEOUT)
@@ -375,7 +371,7 @@ class ClusterPlacement:
                 return
             else:
                 verdict = await self.bus.request(
-                    owner, codec.PROBE, sid, within=self._verdict_time()
+                    owner, lambda req: codec.Probe(req, sid), within=self._verdict_time()
                 )
             if verdict == codec.ALIVE:
                 binary.conflict()
@@ -449,7 +445,7 @@ class ClusterPlacement:
             phone.release()
         if phone.closing:  # the phone left while we asked
             if owner is not None and outcome == Register.OK.value:
-                self.bus.send(owner, (codec.GONE, sid, phone.conn_id, 0))
+                self.bus.send(owner, codec.Gone(sid, phone.conn_id, 0))
             return
         if owner is None or owner == self.me:
             phone.register_local()  # 4404 unless a binary claimed here meanwhile
@@ -478,11 +474,10 @@ class ClusterPlacement:
         owner = await self.store.owner(sid)
         if owner is None or owner == self.me:
             return owner, None
+        conn_id = phone.conn_id
         outcome = await self.bus.request(
             owner,
-            codec.ADMIT,
-            sid,
-            phone.conn_id,
+            lambda req: codec.Admit(req, sid, conn_id),
             within=self.relay.config.conflict_probe_timeout,
         )
         return owner, outcome
@@ -539,7 +534,7 @@ class ClusterPlacement:
                     conn_id=conn_id,
                     err="relay: binary connection closed",
                 )
-                self.bus.send(edge, (codec.END, conn_id))
+                self.bus.send(edge, codec.End(conn_id))
             return
         relay.stats.frames_phone_to_binary += 1
 
@@ -584,38 +579,39 @@ class ClusterPlacement:
     def _on_foreign(self, err: str) -> None:
         self.relay.log.warn("cluster_bus_foreign_message", instance_id=self.me, err=err)
 
-    def _on_message(self, sender: str, msg: list[Any]) -> None:
-        kind = msg[0]
-        if kind == codec.FRAME:
-            self._on_frame(sender, msg[1], msg[2], msg[3])
-            return
-        if kind in _TO_PHONE:
-            phone = self.edges.get(sender, _NO_PHONES).get(msg[1])
-            if phone is None:
-                return  # closed meanwhile; its GONE is on its way to the owner
-            if kind == codec.DELIVER:
-                phone.deliver(msg[2])
-            elif kind == codec.DIRECTIVE:
-                phone.close_directive(msg[2], msg[3])
-            elif kind == codec.EVICT:
-                phone.evict(msg[2], msg[3])
-            elif kind == codec.PAUSE:
-                phone.pause()
-            elif kind == codec.RESUME:
-                phone.resume()
-            else:
-                self.relay.log.info(
-                    "phone_forwarder_no_binary", server_id=phone.server_id, conn_id=phone.conn_id
-                )
-                phone.end(1000)
-        elif kind == codec.GONE:
-            self._on_gone(sender, msg[1], msg[2], msg[3])
-        elif kind == codec.ADMIT:
-            self._on_admit(sender, msg[1], msg[2], msg[3])
-        elif kind == codec.PROBE:
-            self._on_probe(sender, msg[1], msg[2])
-        elif kind == codec.BYE:
+    def _on_message(self, sender: str, msg: codec.Message) -> None:
+        if isinstance(msg, codec.Frame):
+            self._on_frame(sender, msg.server_id, msg.conn_id, msg.envelope)
+        elif isinstance(msg, codec.ToPhone):
+            self._to_phone(sender, msg)
+        elif isinstance(msg, codec.Gone):
+            self._on_gone(sender, msg.server_id, msg.conn_id, msg.notice_code)
+        elif isinstance(msg, codec.Admit):
+            self._on_admit(sender, msg.req, msg.server_id, msg.conn_id)
+        elif isinstance(msg, codec.Probe):
+            self._on_probe(sender, msg.req, msg.server_id)
+        elif isinstance(msg, codec.Bye):
             self._peer_lost(sender, None)
+
+    def _to_phone(self, owner: str, msg: codec.ToPhone) -> None:
+        phone = self.edges.get(owner, _NO_PHONES).get(msg.conn_id)
+        if phone is None:
+            return  # closed meanwhile; its Gone is on its way to the owner
+        if isinstance(msg, codec.Deliver):
+            phone.deliver(msg.frame)
+        elif isinstance(msg, codec.Directive):
+            phone.close_directive(msg.frame, msg.close_code)
+        elif isinstance(msg, codec.Evict):
+            phone.evict(msg.close_code, msg.reason)
+        elif isinstance(msg, codec.Pause):
+            phone.pause()
+        elif isinstance(msg, codec.Resume):
+            phone.resume()
+        else:
+            self.relay.log.info(
+                "phone_forwarder_no_binary", server_id=phone.server_id, conn_id=phone.conn_id
+            )
+            phone.end(1000)
 
     async def _on_up(self) -> None:
         """(Re)connected: assert our instance key and leases before anything is routed."""
