@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from pyrycode_relay.bench.ports import free_port
+from pyrycode_relay.tools.bench.ports import free_port
 
 PHONES_PER_GROUP = 8
 ROUND_TRIPS = 4

@@ -25,7 +25,7 @@ import time
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from pyrycode_relay.bench.ports import free_port
+from pyrycode_relay.tools.bench.ports import free_port
 
 PHONES_PER_BINARY = 16
 FRAME = b'{"fill":"' + b"x" * (64 * 1024 - 12) + b'"}'  # a 64 KiB JSON frame

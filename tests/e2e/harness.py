@@ -24,7 +24,7 @@ from typing import Any
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from pyrycode_relay.bench.ports import free_port
+from pyrycode_relay.tools.bench.ports import free_port
 
 # Timers short enough for tests but long enough not to fire by accident on a slow CI box.
 FAST_TIMERS = (

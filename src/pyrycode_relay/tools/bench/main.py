@@ -40,9 +40,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import pyrycode_relay
 from pyrycode_relay import __version__
-from pyrycode_relay.bench import load
-from pyrycode_relay.bench.ports import free_port, free_ports
+from pyrycode_relay.tools.bench import load
+from pyrycode_relay.tools.bench.ports import free_port, free_ports
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -139,7 +140,7 @@ def machine() -> dict[str, Any]:
 def source_revision() -> dict[str, Any]:
     """The git commit the measured code is at, when it runs from a checkout (and whether
     src/ had uncommitted changes): a figure is only comparable with the code it names."""
-    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = os.path.dirname(os.path.abspath(pyrycode_relay.__file__))
     try:
         head = subprocess.run(
             ["git", "-C", src, "rev-parse", "--short=12", "HEAD"],
@@ -195,7 +196,7 @@ def relay_argv(
         return [
             sys.executable,
             "-m",
-            "pyrycode_relay.bench.echo",
+            "pyrycode_relay.tools.bench.echo",
             listen,
             str(args.echo_write_high),
         ]

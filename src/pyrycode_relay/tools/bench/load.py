@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyrycode_relay.bench.wire import WsClient, connect
+from pyrycode_relay.tools.bench.wire import WsClient, connect
 
 CONNECT_CONCURRENCY = 256
 DRAIN_TIMEOUT = 5.0
