@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return probe_main(args[1:])
     if args[:1] == ["bench"]:  # tooling subcommand: load and measurement
-        from pyrycode_relay.tools.bench.main import main as bench_main
+        from pyrycode_relay.tools.bench.cli import main as bench_main
 
         return bench_main(args[1:])
     try:
