@@ -15,6 +15,8 @@ duration + drain).
     pyrycode-relay bench closed --url ws://127.0.0.1:8080 --pid 1234
     pyrycode-relay bench closed --cluster -d 8 --reps 3      # cross-instance vs single
     pyrycode-relay bench closed --url ws://127.0.0.1:8080 --phone-url ws://127.0.0.1:8081
+    pyrycode-relay bench soak --seconds 600 --connections 200    # leak check (soak.py)
+    pyrycode-relay bench memory --connections 10000              # RSS growth (memory.py)
 """
 
 from __future__ import annotations
@@ -60,7 +62,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("scenario", choices=("closed", "open", "idle"))
+    ap.add_argument(
+        "scenario",
+        choices=("closed", "open", "idle"),
+        help="what to measure (soak and memory take their own flags: bench soak --help)",
+    )
     ap.add_argument(
         "--relay",
         default="self",
@@ -153,6 +159,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["soak"]:
+        from pyrycode_relay.tools.bench.soak import main as soak_main
+
+        return soak_main(argv[1:])
+    if argv[:1] == ["memory"]:
+        from pyrycode_relay.tools.bench.memory import main as memory_main
+
+        return memory_main(argv[1:])
     args = parse(argv)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):

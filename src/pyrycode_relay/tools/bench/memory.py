@@ -1,16 +1,18 @@
 """Measure the relay's memory per idle connection and per buffered byte (docs/operations.md).
 
-Starts the real relay (`python -m pyrycode_relay`) on loopback and reads its resident set
-size (VmRSS in /proc/<pid>/status, Linux only) at each stage:
+Owns: starting the real relay (`python -m pyrycode_relay`) on loopback, loading it in stages
+and reading its resident set size (VmRSS in /proc/<pid>/status, Linux only) after each:
 
 1. after start-up and a warm-up pair (so lazily imported code is already resident);
-2. after opening 1,000 and then 2,000 idle WebSockets: one binary per 16 phones, every
-   phone registered, as in production (phones dominate);
+2. after opening half of --connections and then all of them as idle WebSockets: one binary
+   per 16 phones, every phone registered, as in production (phones dominate);
 3. after the binaries queue frames to stalled phones (phones that never read) until the
-   relay's `pyrycode_relay_outbox_bytes` gauge reaches the target.
+   relay's `pyrycode_relay_outbox_bytes` gauge reaches --buffered.
 
-Bounded: at most --connections connections and --buffered bytes, every wait has a deadline,
-and the relay is killed on the way out. Run: `.venv/bin/python scripts/measure_memory.py`.
+Must never: open more than --connections connections or queue more than --buffered bytes,
+wait without a deadline, or leave the relay running (it is killed on the way out).
+
+    pyrycode-relay bench memory --connections 10000
 """
 
 from __future__ import annotations
@@ -162,18 +164,17 @@ async def measure(connections: int, buffered: int) -> None:
             ws.transport.abort()
 
 
-def main() -> None:
+def main(argv: list[str]) -> int:
     if not sys.platform.startswith("linux"):
         raise SystemExit("needs /proc (Linux)")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="pyrycode-relay bench memory", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--buffered", type=int, default=64 << 20, help="bytes to queue")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not 0 < args.connections <= 10_000 or not 0 < args.buffered <= 1 << 30:
         raise SystemExit("bounded: --connections 1..10000, --buffered up to 1 GiB")
     os.environ.pop("FLY_APP_NAME", None)
     asyncio.run(measure(args.connections, args.buffered))
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -8,7 +8,7 @@ file descriptors (/proc/<pid>/fd) and asyncio task count (the loopback-only
 Must never: touch a non-loopback address, run without a deadline, or read the relay's
 memory in any way other than /proc and its own metrics listener.
 
-    python bench/soak.py --seconds 600 --connections 200
+    pyrycode-relay bench soak --seconds 600 --connections 200
 
 The load, per group of one binary and up to eight phones on one server-id:
 - the binary echoes every routed frame back verbatim (the wrapped envelope is a valid
@@ -411,8 +411,10 @@ async def run_soak(
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="pyrycode-relay bench soak", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--connections", type=int, default=100, help="concurrent connections")
     ap.add_argument("--think-ms", type=float, default=0.0, help="pause between phone cycles")
@@ -434,7 +436,3 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(report.to_json())
     return 0 if report.ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
