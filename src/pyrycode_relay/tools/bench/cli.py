@@ -29,12 +29,14 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from pyrycode_relay.tools.bench.cluster import cluster_setup, started_cluster
 from pyrycode_relay.tools.bench.procfs import machine
 from pyrycode_relay.tools.bench.scenarios import run_scenario
 from pyrycode_relay.tools.bench.servers import Running, given, started
+from pyrycode_relay.tools.bench.spawn import SpawnError
 from pyrycode_relay.tools.bench.summary import cluster_line, summarise
 
 
@@ -46,14 +48,22 @@ def _run(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
-def servers(kind: str, args: argparse.Namespace) -> contextlib.AbstractContextManager[Running]:
+@contextlib.contextmanager
+def servers(kind: str, args: argparse.Namespace) -> Iterator[Running]:
     """What one run measures: the relays given by --url, the cluster, or one server (self,
-    go, echo) started alone."""
+    go, echo) started alone. A server that cannot start ends the bench with its log."""
+    chosen: contextlib.AbstractContextManager[Running]
     if kind == "url":
-        return given(args)
-    if kind == "cluster":
-        return started_cluster(args)
-    return started(kind, args)
+        chosen = given(args)
+    elif kind == "cluster":
+        chosen = started_cluster(args)
+    else:
+        chosen = started(kind, args)
+    try:
+        with chosen as running:
+            yield running
+    except SpawnError as exc:
+        raise SystemExit(f"bench: {exc}") from None
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

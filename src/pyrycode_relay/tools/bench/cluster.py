@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -26,8 +27,8 @@ from typing import Any
 
 from pyrycode_relay.tools.bench import load
 from pyrycode_relay.tools.bench.ports import free_ports
-from pyrycode_relay.tools.bench.servers import Running, relay_argv
-from pyrycode_relay.tools.bench.spawn import spawned, tail, wait_listening
+from pyrycode_relay.tools.bench.servers import Running, relay_flags
+from pyrycode_relay.tools.bench.spawn import Child, relay, spawned
 
 CLUSTER_INSTANCES = ("a", "b")  # every binary on bench-a, every phone on bench-b
 
@@ -75,27 +76,16 @@ def _http_get(port: int, path: str) -> tuple[int, str]:
         conn.close()
 
 
-def _wait_instance(proc: subprocess.Popen[bytes], port: int, instance_id: str, log: str) -> None:
-    """Until the instance logged `starting` (printed once its bus subscription is active)
-    and its /healthz says Redis is up."""
-    wait_listening(proc, port, f"instance {instance_id}", log)
-    deadline = time.monotonic() + 20
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"bench: instance {instance_id} exited with {proc.returncode}")
-        with open(log, encoding="utf-8", errors="replace") as f:
-            started_line = any(" msg=starting " in line for line in f)
-        if started_line:
-            status, body = _http_get(port, "/healthz")
-            with contextlib.suppress(ValueError, AttributeError):
-                cluster = json.loads(body).get("cluster") if status == 200 else {}
-                if cluster.get("instance_id") == instance_id and cluster.get("redis") == "up":
-                    return
-        if time.monotonic() > deadline:
-            raise SystemExit(
-                f"bench: instance {instance_id} not ready (Redis up) within 20 s{tail(log)}"
-            )
-        time.sleep(0.05)
+def _instance_ready(instance: Child, port: int, instance_id: str) -> bool:
+    """The instance logged `starting` (printed once its bus subscription is active) and its
+    /healthz names it and says Redis is up."""
+    if not instance.logged(" msg=starting "):
+        return False
+    status, body = _http_get(port, "/healthz")
+    with contextlib.suppress(ValueError, AttributeError):
+        cluster = json.loads(body).get("cluster") if status == 200 else {}
+        return bool(cluster.get("instance_id") == instance_id and cluster.get("redis") == "up")
+    return False
 
 
 def cluster_metrics(metrics_port: int) -> dict[str, float]:
@@ -141,15 +131,18 @@ def started_cluster(args: argparse.Namespace) -> Iterator[Running]:
         redis_port, *ports = free_ports(1 + 2 * len(CLUSTER_INSTANCES))
         redis_log = os.path.join(tmp, "redis.log")
         redis = stack.enter_context(
-            spawned(redis_argv(redis_server, redis_port, tmp), args.relay_cpu, redis_log)
+            spawned(
+                redis_argv(redis_server, redis_port, tmp),
+                name="redis-server",
+                cpu=args.relay_cpu,
+                log=redis_log,
+                ready=lambda: _redis_ping(redis_port),
+                what="answer PING",
+                timeout=10,
+            )
         )
-        deadline = time.monotonic() + 10
-        while not _redis_ping(redis_port):
-            if redis.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"bench: redis-server did not start{tail(redis_log)}")
-            time.sleep(0.05)
         url = f"redis://127.0.0.1:{redis_port}"
-        procs: dict[str, subprocess.Popen[bytes]] = {"redis": redis}
+        procs: dict[str, Child] = {"redis": redis}
         listen: dict[str, tuple[int, int]] = {}
         logs: dict[str, str] = {}
         for i, name in enumerate(CLUSTER_INSTANCES):
@@ -160,13 +153,24 @@ def started_cluster(args: argparse.Namespace) -> Iterator[Running]:
             # says: the `starting` line is the readiness signal, WARN/ERROR lines are
             # reported with the run.
             extra = ("--cluster-redis", url, "--instance-id", f"bench-{name}")
-            argv = relay_argv(
-                "self", port, args, metrics_listen=f"127.0.0.1:{metrics_port}", extra=extra
+            flags = relay_flags(port, args, metrics_listen=f"127.0.0.1:{metrics_port}", extra=extra)
+            flags += ["--log-level=info", "--log-format=text"]
+            procs[name] = stack.enter_context(
+                relay(
+                    *flags,
+                    port=port,
+                    name=f"instance bench-{name}",
+                    cpu=args.relay_cpu,
+                    log=logs[name],
+                )
             )
-            argv += ["--log-level=info", "--log-format=text"]
-            procs[name] = stack.enter_context(spawned(argv, args.relay_cpu, logs[name]))
         for name in CLUSTER_INSTANCES:
-            _wait_instance(procs[name], listen[name][0], f"bench-{name}", logs[name])
+            instance = procs[name]
+            instance.wait_ready(
+                functools.partial(_instance_ready, instance, listen[name][0], f"bench-{name}"),
+                what="become ready (Redis up)",
+                timeout=20,
+            )
         time.sleep(0.3)
 
         seen: dict[str, Any] = {}
@@ -197,7 +201,7 @@ def started_cluster(args: argparse.Namespace) -> Iterator[Running]:
                     f"bench-{n}": _log_problems(logs[n]) for n in CLUSTER_INSTANCES
                 },
             }
-            exited = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
+            exited = {n: c.proc.returncode for n, c in procs.items() if c.proc.poll() is not None}
             if exited:
                 out["exited"] = exited  # the run is not ok: a process died under load
             if args.keep_logs:
@@ -207,7 +211,7 @@ def started_cluster(args: argparse.Namespace) -> Iterator[Running]:
         a, b = CLUSTER_INSTANCES
         yield Running(
             load.Target("127.0.0.1", listen[a][0], phone_port=listen[b][0]),
-            {name: proc.pid for name, proc in procs.items()},
+            {name: child.pid for name, child in procs.items()},
             loaded,
             after,
         )

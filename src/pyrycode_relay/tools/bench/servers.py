@@ -1,9 +1,10 @@
 """The servers one bench run measures, and what the run learns about them.
 
 Owns: the command lines of the servers the bench starts alone on a free loopback port (our
-relay, the Go stand-in, the same-stack echo server), starting one of them for a run, taking
-relays someone else started (--url, --phone-url) and their pids, and `Running`: where the load
-connects and which processes to sample. The 2-instance cluster is cluster.py's.
+relay's flags, the Go stand-in, the same-stack echo server), starting one of them for a run
+(through spawn.py, pinned to --relay-cpu, ready once it listens), taking relays someone else
+started (--url, --phone-url) and their pids, and `Running`: where the load connects and which
+processes to sample. The 2-instance cluster is cluster.py's.
 Must never: accept a non-loopback address, or leave a server it started running after the run.
 """
 
@@ -20,38 +21,40 @@ from urllib.parse import urlsplit
 
 from pyrycode_relay.tools.bench import load
 from pyrycode_relay.tools.bench.ports import free_port
-from pyrycode_relay.tools.bench.spawn import spawned, wait_listening
+from pyrycode_relay.tools.bench.spawn import Child, listening, relay, relay_env, spawned
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
-def relay_argv(
-    kind: str,
+def relay_flags(
     port: int,
     args: argparse.Namespace,
     *,
     metrics_listen: str = "",
     extra: tuple[str, ...] = (),
 ) -> list[str]:
+    """Our relay's flags in a bench: listening on 127.0.0.1:`port`, with no connection cap or
+    per-IP rate limit in the way of the load (every connection comes from 127.0.0.1), then
+    `extra` and --relay-arg (later flags win)."""
+    return [
+        "--insecure-listen",
+        f"127.0.0.1:{port}",
+        "--max-connections",
+        "30000",
+        "--rate-limit-burst",
+        "0",
+        "--metrics-listen",
+        metrics_listen,
+        "--heartbeat-interval",
+        str(args.heartbeat_interval),
+        *extra,
+        *args.relay_arg,
+    ]
+
+
+def server_argv(kind: str, port: int, args: argparse.Namespace) -> list[str]:
+    """The command line of the Go stand-in or the echo server on 127.0.0.1:`port`."""
     listen = f"127.0.0.1:{port}"
-    if kind == "self":
-        return [
-            sys.executable,
-            "-m",
-            "pyrycode_relay",
-            "--insecure-listen",
-            listen,
-            "--max-connections",
-            "30000",
-            "--rate-limit-burst",
-            "0",
-            "--metrics-listen",
-            metrics_listen,
-            "--heartbeat-interval",
-            str(args.heartbeat_interval),
-            *extra,
-            *args.relay_arg,
-        ]
     if kind == "go":
         if not args.go_relay:
             raise SystemExit("bench: --go-relay PATH is needed for the go relay")
@@ -85,10 +88,22 @@ def started(kind: str, args: argparse.Namespace) -> Iterator[Running]:
     """A fresh server of `kind` (self, go, echo) on a free loopback port, pinned to
     --relay-cpu."""
     port = free_port()
-    with spawned(relay_argv(kind, port, args), args.relay_cpu) as proc:
-        wait_listening(proc, port, f"{kind} relay")
+    name = f"{kind} relay"
+    server: contextlib.AbstractContextManager[Child]
+    if kind == "self":
+        server = relay(*relay_flags(port, args), port=port, name=name, cpu=args.relay_cpu)
+    else:
+        server = spawned(
+            server_argv(kind, port, args),
+            name=name,
+            cpu=args.relay_cpu,
+            env=relay_env(),
+            ready=lambda: listening(port),
+            what="listen",
+        )
+    with server as child:
         time.sleep(0.3)  # let it finish start-up work before we measure its baseline
-        yield Running(load.Target("127.0.0.1", port, echo=kind == "echo"), {"relay": proc.pid})
+        yield Running(load.Target("127.0.0.1", port, echo=kind == "echo"), {"relay": child.pid})
 
 
 def _loopback(url: str, flag: str) -> tuple[str, int]:

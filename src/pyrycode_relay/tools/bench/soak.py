@@ -37,9 +37,6 @@ import contextlib
 import json
 import os
 import random
-import signal
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -47,6 +44,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from pyrycode_relay.tools.bench.ports import free_port
+from pyrycode_relay.tools.bench.spawn import Child, relay_async
 
 PHONES_PER_GROUP = 8
 ROUND_TRIPS = 4
@@ -299,11 +297,10 @@ async def drive(
 # -- orchestration -----------------------------------------------------------------------
 
 
-async def _wait_ready(port: int, proc: asyncio.subprocess.Process | None) -> None:
+async def _wait_ready(port: int) -> None:
+    """Until the relay on `port` answers /healthz (bounded)."""
     async with asyncio.timeout(15):
         while True:
-            if proc is not None and proc.returncode is not None:
-                raise RuntimeError(f"relay exited with {proc.returncode}")
             with contextlib.suppress(OSError, RuntimeError):
                 await http_get(port, "/healthz")
                 return
@@ -322,40 +319,35 @@ async def run_soak(
 ) -> SoakReport:
     """Runs the soak and returns its report; `report.ok` is the verdict. Without `url`
     a relay is started (and stopped) here on loopback ports."""
-    proc = None
-    log_file = None
     grace: float | None = None
-    if url is None:
-        port, metrics_port = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYRYCODE_RELAY_")}
-        env.pop("FLY_APP_NAME", None)
-        log_file = tempfile.TemporaryFile()  # noqa: SIM115 (closed after the verdict)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pyrycode_relay",
-            f"--insecure-listen=127.0.0.1:{port}",
-            f"--metrics-listen=127.0.0.1:{metrics_port}",
-            f"--max-connections={2 * connections + 100}",
-            "--rate-limit-burst=0",
-            f"--grace-period={SELF_GRACE}s",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=log_file,
-            env=env,
-        )
-        pid, url, grace = proc.pid, f"ws://127.0.0.1:{port}", SELF_GRACE
-    else:
-        if pid is None or metrics_port is None:
-            raise ValueError("--url needs --pid and --metrics-port")
-        host_port = url.rsplit("/", 1)[-1]
-        host, _, p = host_port.rpartition(":")
-        if host not in ("127.0.0.1", "localhost", "[::1]"):
-            raise ValueError("the soak only runs against loopback")
-        port = int(p)
-    settle_limit = (grace if grace is not None else 30.0) + 15.0
-    try:
-        await _wait_ready(port, proc)
+    error_lines = 0
+    async with contextlib.AsyncExitStack() as stack:
+        relay: Child | None = None
+        if url is None:
+            port, metrics_port = free_port(), free_port()
+            relay = await stack.enter_async_context(
+                relay_async(
+                    f"--insecure-listen=127.0.0.1:{port}",
+                    f"--metrics-listen=127.0.0.1:{metrics_port}",
+                    f"--max-connections={2 * connections + 100}",
+                    "--rate-limit-burst=0",
+                    f"--grace-period={SELF_GRACE}s",
+                    port=port,
+                    timeout=15,
+                    grace=15,
+                )
+            )
+            pid, url, grace = relay.pid, f"ws://127.0.0.1:{port}", SELF_GRACE
+        else:
+            if pid is None or metrics_port is None:
+                raise ValueError("--url needs --pid and --metrics-port")
+            host_port = url.rsplit("/", 1)[-1]
+            host, _, p = host_port.rpartition(":")
+            if host not in ("127.0.0.1", "localhost", "[::1]"):
+                raise ValueError("the soak only runs against loopback")
+            port = int(p)
+        settle_limit = (grace if grace is not None else 30.0) + 15.0
+        await _wait_ready(port)
         warm = Counters()
         await drive(url, warmup, min(connections, 18), warm, grace=grace, think=think)
         await settle(pid, port, metrics_port, Snapshot(0, 1 << 30, 1 << 30), settle_limit)
@@ -380,21 +372,11 @@ async def run_soak(
         elapsed = time.monotonic() - t0
         end = await settle(pid, port, metrics_port, baseline, settle_limit)
         frames = frames_total(await metrics(metrics_port)) - frames_before
-    finally:
-        if proc is not None:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(15):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-    report = SoakReport(round(elapsed, 1), connections, baseline, end, peak, frames, c)
-    if log_file is not None:
-        log_file.seek(0)
-        report.relay_error_lines = sum(b"level=ERROR" in line for line in log_file)
-        log_file.close()
+        if relay is not None:
+            # Stopped before its log is read, so the lines of its shutdown count too.
+            await relay.stop_async(15)
+            error_lines = sum("level=ERROR" in line for line in relay.log_text().splitlines())
+    report = SoakReport(round(elapsed, 1), connections, baseline, end, peak, frames, c, error_lines)
     rss_limit = baseline.rss_kib + max(RSS_MARGIN_KIB, int(baseline.rss_kib * RSS_MARGIN_RATIO))
     if end.fds > baseline.fds + FD_MARGIN:
         report.failures.append(f"fds {baseline.fds} -> {end.fds}")
