@@ -27,18 +27,11 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from pyrycode_relay.tools.bench.ports import free_port
+from pyrycode_relay.tools.bench.procfs import live_rss_kib
 from pyrycode_relay.tools.bench.spawn import relay_async
 
 PHONES_PER_BINARY = 16
 FRAME = b'{"fill":"' + b"x" * (64 * 1024 - 12) + b'"}'  # a 64 KiB JSON frame
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 async def settled_rss(pid: int) -> int:
@@ -46,7 +39,7 @@ async def settled_rss(pid: int) -> int:
     last = -1
     for _ in range(50):
         await asyncio.sleep(0.2)
-        now = rss_bytes(pid)
+        now = live_rss_kib(pid) * 1024
         if now == last:
             return now
         last = now

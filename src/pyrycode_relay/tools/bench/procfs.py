@@ -1,11 +1,12 @@
-"""What the bench reads from /proc: a process's CPU time and resident set, the machine's busy
-CPU, and what the machine is.
+"""The one reader of /proc for the tools: a process's CPU time, resident set and open file
+descriptors, the machine's busy CPU, and what the machine is.
 
-Owns: reading `/proc/<pid>/stat` (CPU seconds), `/proc/<pid>/status` (VmRSS), `/proc/stat`
-(machine busy time) and `/proc/cpuinfo`, the samplers that turn two CPU readings into a share of
-one core, and the machine and source revision a result names.
-Must never: signal, trace or otherwise touch the process it reads (a gone process reads as
-None), or read a relay's memory any other way than /proc.
+Owns: reading `/proc/<pid>/stat` (CPU seconds), `/proc/<pid>/status` (VmRSS), `/proc/<pid>/fd`,
+`/proc/stat` (machine busy time) and `/proc/cpuinfo`; the samplers that turn two CPU readings
+into a share of one core; the machine and source revision a bench result names. The bench, the
+soak and the memory tool read a process only through here.
+Must never: signal, trace or otherwise touch the process it reads, or read a relay's memory
+any other way than /proc.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def proc_cpu_s(pid: int) -> float | None:
 
 
 def proc_rss_kib(pid: int) -> int | None:
+    """VmRSS of `pid`, KiB; None once the process is gone (a zombie has no VmRSS)."""
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as f:
             for line in f:
@@ -42,6 +44,19 @@ def proc_rss_kib(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def live_rss_kib(pid: int) -> int:
+    """`proc_rss_kib` of a process that must still be running: a gone one is an error."""
+    rss = proc_rss_kib(pid)
+    if rss is None:
+        raise RuntimeError(f"no VmRSS for pid {pid}: the process is gone")
+    return rss
+
+
+def fd_count(pid: int) -> int:
+    """How many file descriptors `pid` holds right now."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 class CpuSampler:

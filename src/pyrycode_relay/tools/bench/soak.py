@@ -44,6 +44,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from pyrycode_relay.tools.bench.ports import free_port
+from pyrycode_relay.tools.bench.procfs import fd_count, live_rss_kib
 from pyrycode_relay.tools.bench.spawn import Child, relay_async
 
 PHONES_PER_GROUP = 8
@@ -107,18 +108,6 @@ class SoakReport:
 # -- observing the relay process ---------------------------------------------------------
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 async def http_get(port: int, path: str) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -150,7 +139,7 @@ def frames_total(m: dict[str, float]) -> int:
 
 async def snapshot(pid: int, metrics_port: int) -> Snapshot:
     tasks = int((await metrics(metrics_port))["pyrycode_relay_asyncio_tasks"])
-    return Snapshot(rss_kib(pid), fd_count(pid), tasks)
+    return Snapshot(live_rss_kib(pid), fd_count(pid), tasks)
 
 
 async def settle(
@@ -360,7 +349,7 @@ async def run_soak(
         async def sample_peak() -> None:
             nonlocal peak
             while True:
-                peak = max(peak, rss_kib(pid))
+                peak = max(peak, live_rss_kib(pid))
                 await asyncio.sleep(1.0)
 
         sampler = asyncio.create_task(sample_peak())
