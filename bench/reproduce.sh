@@ -37,7 +37,7 @@ done
 "${B[@]}" idle --relay self,go --connections 10000 --hold 65 --out "$R/idle-10000.json" >/dev/null
 
 # 5. Memory growth with connections and with queued bytes.
-.venv/bin/python scripts/measure_memory.py --connections 10000 >"$R/memory-growth.txt"
+.venv/bin/pyrycode-relay bench memory --connections 10000 >"$R/memory-growth.txt"
 
 # 6. Cluster: a fresh redis-server and two instances (every binary on bench-a, every phone
 #    on bench-b, so every frame crosses instances through Redis) next to a single relay in

@@ -14,12 +14,12 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from pyrycode_relay.bench.ports import free_port
 from pyrycode_relay.core.config import parse_args
 from pyrycode_relay.ops.boot import check_boot
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.refusal import ExitCode
 from pyrycode_relay.server import RelayServer
+from pyrycode_relay.tools.bench.ports import free_port
 from tests.e2e.fake_google import service_account
 
 

@@ -46,11 +46,11 @@ def _run(config: Config, listeners: Listeners, log: Logger, fcm_credentials: str
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["probe"]:  # tooling subcommand (README §2); never needed to serve
-        from pyrycode_relay.ops.probe import main as probe_main
+        from pyrycode_relay.tools.probe import main as probe_main
 
         return probe_main(args[1:])
     if args[:1] == ["bench"]:  # tooling subcommand: load and measurement
-        from pyrycode_relay.bench.main import main as bench_main
+        from pyrycode_relay.tools.bench.cli import main as bench_main
 
         return bench_main(args[1:])
     try:

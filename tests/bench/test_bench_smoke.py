@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pyrycode_relay.bench import load
+from pyrycode_relay.tools.bench import load
 
 BENCH = [sys.executable, "-m", "pyrycode_relay", "bench"]
 

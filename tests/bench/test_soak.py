@@ -1,12 +1,12 @@
 """The soak test's short form: churn, then fds, tasks and RSS back at baseline.
 
-The long form is `python bench/soak.py --seconds 600 --connections 200`; its figures are
-in docs/decisions/0009-hostile-peers-and-leak-checks.md.
+The long form is `pyrycode-relay bench soak --seconds 600 --connections 200`; its figures
+are in docs/decisions/0009-hostile-peers-and-leak-checks.md.
 """
 
 from __future__ import annotations
 
-from bench.soak import run_soak
+from pyrycode_relay.tools.bench.soak import run_soak
 
 
 async def test_short_soak_returns_to_baseline() -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
 
-from pyrycode_relay.bench.ports import free_port
+from pyrycode_relay.tools.bench.ports import free_port
 from tests.e2e.harness import Relay, relay_command, relay_env, start_relay
 
 REDIS_SERVER = shutil.which("redis-server")

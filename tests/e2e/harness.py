@@ -17,14 +17,23 @@ import json
 import os
 import signal
 import struct
-import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from pyrycode_relay.bench.ports import free_port
+from pyrycode_relay.tools.bench.ports import free_port
+
+# The relay's command line and environment are the tools' (tools/bench/spawn.py), so a test
+# and a bench start the same relay the same way. Re-exported for the tests that run the relay
+# themselves (mypy --strict takes `x as x` as an explicit re-export).
+from pyrycode_relay.tools.bench.spawn import (
+    relay_command as relay_command,  # noqa: PLC0414
+)
+from pyrycode_relay.tools.bench.spawn import (
+    relay_env as relay_env,  # noqa: PLC0414
+)
 
 # Timers short enough for tests but long enough not to fire by accident on a slow CI box.
 FAST_TIMERS = (
@@ -136,17 +145,6 @@ class Relay:
             await self._reader
             await self._stdout_reader
         return code
-
-
-def relay_command(*flags: str) -> list[str]:
-    return [sys.executable, "-m", "pyrycode_relay", *flags]
-
-
-def relay_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYRYCODE_RELAY_")}
-    env.pop("FLY_APP_NAME", None)
-    env.update(extra or {})
-    return env
 
 
 @contextlib.asynccontextmanager

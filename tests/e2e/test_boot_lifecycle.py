@@ -16,7 +16,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from pyrycode_relay import __version__
-from pyrycode_relay.bench.ports import free_port
+from pyrycode_relay.tools.bench.ports import free_port
 from tests.e2e.harness import (
     FAST_TIMERS,
     TOKEN,

@@ -22,8 +22,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 
 from pyrycode_relay import __version__
-from pyrycode_relay.bench.ports import free_port
 from pyrycode_relay.cluster import codec
+from pyrycode_relay.tools.bench.ports import free_port
 from tests.e2e.clusterharness import (
     INSTANCE_KEY,
     OWNER_KEY,

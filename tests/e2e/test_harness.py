@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from pyrycode_relay.bench.ports import free_port
+from pyrycode_relay.tools.bench.ports import free_port
 from tests.e2e.harness import start_relay
 
 

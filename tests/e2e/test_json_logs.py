@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from pyrycode_relay.bench.ports import free_port
 from pyrycode_relay.ops.log import ALLOWED_KEYS
+from pyrycode_relay.tools.bench.ports import free_port
 from tests.certs import make_ca, write_leaf
 from tests.e2e.clusterharness import redis_server, start_cluster
 from tests.e2e.fake_google import fake_google, push_env

@@ -16,7 +16,7 @@ import trustme
 from websockets.asyncio.server import ServerConnection, serve
 
 from pyrycode_relay import __version__
-from pyrycode_relay.bench.ports import free_port
+from pyrycode_relay.tools.bench.ports import free_port
 from tests.e2e.harness import relay_command, run_command, start_relay
 
 STEPS = (

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pyrycode_relay.bench.ports import free_port
+from pyrycode_relay.tools.bench.ports import free_port
 from tests.certs import make_ca, write_leaf
 from tests.e2e.harness import recv_json, relay_env, run_relay
 from tests.e2e.tlsharness import (

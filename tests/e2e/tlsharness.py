@@ -15,7 +15,7 @@ from typing import Any
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from pyrycode_relay.bench.ports import free_port
+from pyrycode_relay.tools.bench.ports import free_port
 from tests.e2e.harness import FAST_TIMERS, TOKEN, Relay, launch, relay_command
 
 DOMAIN = "localhost"  # resolves to loopback everywhere, so pebble can reach port 80 too

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from pyrycode_relay.bench.ports import free_port
 from pyrycode_relay.core.config import Config, parse_args
+from pyrycode_relay.tools.bench.ports import free_port
 from tests.e2e.harness import run_command, start_relay
 
 ROOT = Path(__file__).resolve().parents[2]

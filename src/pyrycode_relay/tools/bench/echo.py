@@ -4,7 +4,7 @@ relay endpoints, so relay ÷ echo says how much the relay adds on top of its tra
 Owns: a router that upgrades `/echo` and echoes every message back as a text frame.
 Must never: listen on anything but loopback, or be used outside the bench.
 
-    python -m pyrycode_relay.bench.echo 127.0.0.1:PORT [WRITE_HIGH]
+    python -m pyrycode_relay.tools.bench.echo 127.0.0.1:PORT [WRITE_HIGH]
 
 WRITE_HIGH is the send-buffer allowance per connection: 1 MiB by default, like nothing
 in particular (writes are batched per loop iteration, ADR 0010); 0 gives the phones'

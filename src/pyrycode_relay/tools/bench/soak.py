@@ -8,7 +8,7 @@ file descriptors (/proc/<pid>/fd) and asyncio task count (the loopback-only
 Must never: touch a non-loopback address, run without a deadline, or read the relay's
 memory in any way other than /proc and its own metrics listener.
 
-    python bench/soak.py --seconds 600 --connections 200
+    pyrycode-relay bench soak --seconds 600 --connections 200
 
 The load, per group of one binary and up to eight phones on one server-id:
 - the binary echoes every routed frame back verbatim (the wrapped envelope is a valid
@@ -37,16 +37,15 @@ import contextlib
 import json
 import os
 import random
-import signal
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from pyrycode_relay.bench.ports import free_port
+from pyrycode_relay.tools.bench.ports import free_port
+from pyrycode_relay.tools.bench.procfs import fd_count, live_rss_kib
+from pyrycode_relay.tools.bench.spawn import Child, relay_async
 
 PHONES_PER_GROUP = 8
 ROUND_TRIPS = 4
@@ -109,18 +108,6 @@ class SoakReport:
 # -- observing the relay process ---------------------------------------------------------
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 async def http_get(port: int, path: str) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -152,7 +139,7 @@ def frames_total(m: dict[str, float]) -> int:
 
 async def snapshot(pid: int, metrics_port: int) -> Snapshot:
     tasks = int((await metrics(metrics_port))["pyrycode_relay_asyncio_tasks"])
-    return Snapshot(rss_kib(pid), fd_count(pid), tasks)
+    return Snapshot(live_rss_kib(pid), fd_count(pid), tasks)
 
 
 async def settle(
@@ -299,11 +286,10 @@ async def drive(
 # -- orchestration -----------------------------------------------------------------------
 
 
-async def _wait_ready(port: int, proc: asyncio.subprocess.Process | None) -> None:
+async def _wait_ready(port: int) -> None:
+    """Until the relay on `port` answers /healthz (bounded)."""
     async with asyncio.timeout(15):
         while True:
-            if proc is not None and proc.returncode is not None:
-                raise RuntimeError(f"relay exited with {proc.returncode}")
             with contextlib.suppress(OSError, RuntimeError):
                 await http_get(port, "/healthz")
                 return
@@ -322,40 +308,35 @@ async def run_soak(
 ) -> SoakReport:
     """Runs the soak and returns its report; `report.ok` is the verdict. Without `url`
     a relay is started (and stopped) here on loopback ports."""
-    proc = None
-    log_file = None
     grace: float | None = None
-    if url is None:
-        port, metrics_port = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYRYCODE_RELAY_")}
-        env.pop("FLY_APP_NAME", None)
-        log_file = tempfile.TemporaryFile()  # noqa: SIM115 (closed after the verdict)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pyrycode_relay",
-            f"--insecure-listen=127.0.0.1:{port}",
-            f"--metrics-listen=127.0.0.1:{metrics_port}",
-            f"--max-connections={2 * connections + 100}",
-            "--rate-limit-burst=0",
-            f"--grace-period={SELF_GRACE}s",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=log_file,
-            env=env,
-        )
-        pid, url, grace = proc.pid, f"ws://127.0.0.1:{port}", SELF_GRACE
-    else:
-        if pid is None or metrics_port is None:
-            raise ValueError("--url needs --pid and --metrics-port")
-        host_port = url.rsplit("/", 1)[-1]
-        host, _, p = host_port.rpartition(":")
-        if host not in ("127.0.0.1", "localhost", "[::1]"):
-            raise ValueError("the soak only runs against loopback")
-        port = int(p)
-    settle_limit = (grace if grace is not None else 30.0) + 15.0
-    try:
-        await _wait_ready(port, proc)
+    error_lines = 0
+    async with contextlib.AsyncExitStack() as stack:
+        relay: Child | None = None
+        if url is None:
+            port, metrics_port = free_port(), free_port()
+            relay = await stack.enter_async_context(
+                relay_async(
+                    f"--insecure-listen=127.0.0.1:{port}",
+                    f"--metrics-listen=127.0.0.1:{metrics_port}",
+                    f"--max-connections={2 * connections + 100}",
+                    "--rate-limit-burst=0",
+                    f"--grace-period={SELF_GRACE}s",
+                    port=port,
+                    timeout=15,
+                    grace=15,
+                )
+            )
+            pid, url, grace = relay.pid, f"ws://127.0.0.1:{port}", SELF_GRACE
+        else:
+            if pid is None or metrics_port is None:
+                raise ValueError("--url needs --pid and --metrics-port")
+            host_port = url.rsplit("/", 1)[-1]
+            host, _, p = host_port.rpartition(":")
+            if host not in ("127.0.0.1", "localhost", "[::1]"):
+                raise ValueError("the soak only runs against loopback")
+            port = int(p)
+        settle_limit = (grace if grace is not None else 30.0) + 15.0
+        await _wait_ready(port)
         warm = Counters()
         await drive(url, warmup, min(connections, 18), warm, grace=grace, think=think)
         await settle(pid, port, metrics_port, Snapshot(0, 1 << 30, 1 << 30), settle_limit)
@@ -368,7 +349,7 @@ async def run_soak(
         async def sample_peak() -> None:
             nonlocal peak
             while True:
-                peak = max(peak, rss_kib(pid))
+                peak = max(peak, live_rss_kib(pid))
                 await asyncio.sleep(1.0)
 
         sampler = asyncio.create_task(sample_peak())
@@ -380,21 +361,11 @@ async def run_soak(
         elapsed = time.monotonic() - t0
         end = await settle(pid, port, metrics_port, baseline, settle_limit)
         frames = frames_total(await metrics(metrics_port)) - frames_before
-    finally:
-        if proc is not None:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(15):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-    report = SoakReport(round(elapsed, 1), connections, baseline, end, peak, frames, c)
-    if log_file is not None:
-        log_file.seek(0)
-        report.relay_error_lines = sum(b"level=ERROR" in line for line in log_file)
-        log_file.close()
+        if relay is not None:
+            # Stopped before its log is read, so the lines of its shutdown count too.
+            await relay.stop_async(15)
+            error_lines = sum("level=ERROR" in line for line in relay.log_text().splitlines())
+    report = SoakReport(round(elapsed, 1), connections, baseline, end, peak, frames, c, error_lines)
     rss_limit = baseline.rss_kib + max(RSS_MARGIN_KIB, int(baseline.rss_kib * RSS_MARGIN_RATIO))
     if end.fds > baseline.fds + FD_MARGIN:
         report.failures.append(f"fds {baseline.fds} -> {end.fds}")
@@ -411,8 +382,10 @@ async def run_soak(
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="pyrycode-relay bench soak", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--connections", type=int, default=100, help="concurrent connections")
     ap.add_argument("--think-ms", type=float, default=0.0, help="pause between phone cycles")
@@ -434,7 +407,3 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(report.to_json())
     return 0 if report.ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

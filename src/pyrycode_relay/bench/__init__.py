@@ -1,1 +1,0 @@
-"""`pyrycode-relay bench`: load generation and measurement against a relay."""
