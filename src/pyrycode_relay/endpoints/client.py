@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 from pyrycode_relay.core.envelope import (
     ERR_NOT_JSON,
-    close_notice,
     frame_prefix,
     is_json,
     is_legal_close_code,
@@ -23,6 +22,7 @@ from pyrycode_relay.core.envelope import (
 )
 from pyrycode_relay.core.outbox import Item, Outbox
 from pyrycode_relay.core.registry import Register
+from pyrycode_relay.endpoints.relay import ERR_BINARY_GONE
 from pyrycode_relay.transport.connection import Connection
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 ERR_BACKLOG_FULL = "relay: phone delivery backlog full"
 ERR_OUTBOX_CLOSED = "relay: phone outbox closed"
-ERR_BINARY_GONE = "relay: binary connection closed"
 ERR_WRITE_TIMEOUT = "relay: phone write timed out"
 GOING_AWAY = 1001
 
@@ -162,15 +161,13 @@ class PhoneSession:
             if not route.forward(self, wrap(self._prefix, data)):
                 self.evict(1013, "cluster unavailable")
             return
-        # Looked up on every frame: after a reclaim the frame goes to the new holder.
-        binary = relay.registry.binary(self.server_id)
-        if binary is None:
+        sent = relay.to_binary(self.server_id, wrap(self._prefix, data), self)
+        if sent is None:
             relay.log.info(
                 "phone_forwarder_no_binary", server_id=self.server_id, conn_id=self.conn_id
             )
             self.end(1000)
-            return
-        if not binary.send(wrap(self._prefix, data), self):
+        elif not sent:
             relay.log.info(
                 "phone_forwarder_send_failed",
                 server_id=self.server_id,
@@ -178,8 +175,6 @@ class PhoneSession:
                 err=ERR_BINARY_GONE,
             )
             self.end(1000)
-            return
-        relay.stats.frames_phone_to_binary += 1
 
     def end(self, code: int) -> None:
         """The relay ends this phone's read loop for a reason of the phone's own side;
@@ -291,21 +286,12 @@ class PhoneSession:
         self.outbox.clear()
         if not self._registered:
             return
-        relay = self.relay
+        notice_code = 0 if self._directed else self._notice_close_code()
         route = self._route
         if route is not None:
-            route.closed(self, 0 if self._directed else self._notice_close_code())
+            route.closed(self, notice_code)
             return
-        binary = self._binary
-        if (
-            not self._directed
-            and not relay.shutting_down
-            and binary is not None
-            and relay.registry.binary(self.server_id) is binary
-        ):
-            self._send_close_notice(binary)
-        relay.registry.unregister_phone(self.server_id, self.conn_id, self)
-        relay.log.info("phone_unregistered", server_id=self.server_id, conn_id=self.conn_id)
+        self.relay.phone_gone(self.server_id, self, self._binary, notice_code)
 
     def _notice_close_code(self) -> int:
         code = self._notice_code
@@ -315,14 +301,3 @@ class PhoneSession:
         if conn.timed_out_reading:
             return GOING_AWAY
         return conn.peer_close_code or conn.relay_close_code or GOING_AWAY
-
-    def _send_close_notice(self, binary: Binary) -> None:
-        code = self._notice_close_code()
-        if not binary.notify(close_notice(self.conn_id, code)):
-            self.relay.log.info(
-                "phone_close_notice_send_failed",
-                server_id=self.server_id,
-                conn_id=self.conn_id,
-                close_code=code,
-                err=ERR_BINARY_GONE,
-            )

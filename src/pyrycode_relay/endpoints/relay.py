@@ -13,6 +13,7 @@ import time
 
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.core.conncap import ConnectionCaps
+from pyrycode_relay.core.envelope import close_notice
 from pyrycode_relay.core.outbox import BufferBudget
 from pyrycode_relay.core.ratelimit import TokenBucketLimiter
 from pyrycode_relay.core.registry import GraceToken, Registry
@@ -21,6 +22,8 @@ from pyrycode_relay.endpoints.placement import LocalPlacement
 from pyrycode_relay.endpoints.roles import Binary, PhoneEndpoint, Placement
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.push import PushSender, PushWaker
+
+ERR_BINARY_GONE = "relay: binary connection closed"
 
 
 class Relay:
@@ -72,6 +75,43 @@ class Relay:
         self.placement.expired(server_id)
         for phone in phones:
             phone.evict(1000, "")
+
+    def to_binary(self, server_id: str, envelope: bytes, phone: PhoneEndpoint) -> bool | None:
+        """A phone's wrapped frame, to the binary holding `server_id` now (looked up on
+        every frame: after a reclaim it goes to the new holder). None: no binary holds it;
+        False: its socket is closed; True: written (and counted)."""
+        binary = self.registry.binary(server_id)
+        if binary is None:
+            return None
+        if not binary.send(envelope, phone):
+            return False
+        self.stats.frames_phone_to_binary += 1
+        return True
+
+    def phone_gone(
+        self, server_id: str, phone: PhoneEndpoint, binary: Binary | None, notice_code: int
+    ) -> None:
+        """A registered phone's WebSocket ended (here, or on another instance): the binary
+        it was admitted to, if it still holds the id, hears a close notice with
+        `notice_code` (0: none is due; none at shutdown either), then the phone leaves the
+        registry."""
+        conn_id = phone.conn_id
+        if (
+            notice_code
+            and not self.shutting_down
+            and binary is not None
+            and self.registry.binary(server_id) is binary
+            and not binary.notify(close_notice(conn_id, notice_code))
+        ):
+            self.log.info(
+                "phone_close_notice_send_failed",
+                server_id=server_id,
+                conn_id=conn_id,
+                close_code=notice_code,
+                err=ERR_BINARY_GONE,
+            )
+        self.registry.unregister_phone(server_id, conn_id, phone)
+        self.log.info("phone_unregistered", server_id=server_id, conn_id=conn_id)
 
     def evict_reclaimed(self, phones: list[PhoneEndpoint]) -> None:
         """Phones of a reclaimed or taken-over slot: 4404, no close notice (§5.1)."""
