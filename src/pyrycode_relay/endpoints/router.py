@@ -20,17 +20,15 @@ from pyrycode_relay.endpoints.relay import Relay
 from pyrycode_relay.endpoints.server import BinarySession
 from pyrycode_relay.ops.log import go_quote
 from pyrycode_relay.ops.metrics import MetricsExporter
-from pyrycode_relay.transport.connection import (
-    Connection,
-    handshake_error,
-    websocket_handshake,
-)
+from pyrycode_relay.transport.connection import Connection
 from pyrycode_relay.transport.http import (
     RequestHead,
     error_response,
+    handshake_error,
     json_response,
     not_found,
     response,
+    websocket_handshake,
 )
 
 # Send-buffer thresholds: a phone's socket counts as blocked as soon as any byte of a

@@ -1,18 +1,24 @@
 """HTTP/1.1 request heads in, plain responses out — the part before a WebSocket exists.
 
-Owns: reading one request head with h11 (any method, a bounded head size), and
-serialising the relay's own responses byte-exactly (Go `http.Error` style bodies, the
-404 page, `/healthz`, `/metrics`). Must never: read a request body, keep a connection
-alive after a non-101 response, or log anything (the endpoints decide what is logged).
+Owns: reading one request head with h11 (any method, a bounded head size), the WebSocket
+handshake's validation and its 101 or error response (websockets' rules, coder/websocket's
+status mapping), and serialising the relay's own responses byte-exactly (Go `http.Error`
+style bodies, the 404 page, `/healthz`, `/metrics`). Must never: read a request body, keep a
+connection alive after a non-101 response, or log anything (the endpoints decide what is
+logged).
 """
 
 from __future__ import annotations
 
 import email.utils
+import logging
 from dataclasses import dataclass
 from http import HTTPStatus
 
 import h11
+from websockets.datastructures import Headers
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
 
 # Go's default is 1 MiB; a relay's clients send a few hundred bytes, so a hostile peer
 # gets 431 much sooner (docs/decisions/0003).
@@ -128,3 +134,36 @@ def json_response(body: bytes) -> bytes:
         [("Content-Type", "application/json; charset=utf-8"), ("Cache-Control", "no-store")],
         body,
     )
+
+
+# websockets logs through the stdlib; the relay's own logger is the only output we allow
+# (allowlisted keys), so its records go nowhere.
+WS_LOGGER = logging.getLogger("pyrycode_relay.websockets")
+WS_LOGGER.addHandler(logging.NullHandler())
+WS_LOGGER.propagate = False
+
+
+def websocket_handshake(head: RequestHead) -> bytes | None:
+    """The 101 response for a valid upgrade request, or None with `handshake_error()`.
+
+    Validation is websockets' own (key, version, Upgrade/Connection tokens); only the
+    status mapping follows coder/websocket: missing upgrade tokens or HTTP/1.0 → 426,
+    another method → 405, anything else wrong → 400.
+    """
+    headers = Headers(head.raw_headers)
+    request = Request(head.path, headers, method=head.method, protocol=f"HTTP/{head.http_version}")
+    resp = ServerProtocol(origins=None, logger=WS_LOGGER).accept(request)
+    if resp.status_code == 101:
+        return resp.serialize()
+    return None
+
+
+def handshake_error(head: RequestHead) -> bytes:
+    """The error response for a request `websocket_handshake` refused."""
+    connection = head.header("connection").lower()
+    upgrade = head.header("upgrade").lower()
+    if head.http_version != "1.1" or "upgrade" not in connection or "websocket" not in upgrade:
+        return upgrade_required()
+    if head.method != "GET":
+        return response(405, [("Allow", "GET")], b"\n")
+    return error_response(400)

@@ -18,13 +18,13 @@ import signal
 import sys
 
 from pyrycode_relay.core.config import parse_args
-from pyrycode_relay.transport.connection import (
-    Connection,
-    ConnSettings,
+from pyrycode_relay.transport.connection import Connection, ConnSettings
+from pyrycode_relay.transport.http import (
+    RequestHead,
+    error_response,
     handshake_error,
     websocket_handshake,
 )
-from pyrycode_relay.transport.http import RequestHead, error_response
 
 # The relay's own defaults: the echo must run the same stack with the same limits.
 SETTINGS = ConnSettings.from_config(parse_args([], {}))
