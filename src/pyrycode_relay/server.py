@@ -129,9 +129,10 @@ class RelayServer:
         self._handle_signals(stack)
         if not config.insecure_listen:
             # Imported here: insecure mode never loads TLS, `cryptography` or `acme`.
-            from pyrycode_relay.tls.mode import TlsFrontEnd
+            from pyrycode_relay.tls.mode import TlsFrontEnd, TlsSettings
 
-            self._tls = TlsFrontEnd(config, self.listeners, log, self.version)
+            tls_settings = TlsSettings.from_config(config)
+            self._tls = TlsFrontEnd(tls_settings, self.listeners, log, self.version)
             self._tls.prepare()
         live = LiveConnections()
         servers = await self._open_listeners(relay, live)

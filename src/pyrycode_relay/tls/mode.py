@@ -18,6 +18,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from pyrycode_relay.core.addresses import ListenAddress, Listeners
 from pyrycode_relay.core.config import Config
@@ -33,10 +34,41 @@ from pyrycode_relay.tls.routes import AcmeHttpRouter, HostGate
 from pyrycode_relay.transport.connection import Connection, ConnSettings, Listener, Router, listen
 
 
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """What a TLS mode needs of the configuration."""
+
+    domain: str  # "" with static files: any name is served
+    tls_cert: str  # "" in ACME mode
+    tls_key: str
+    cert_cache: str
+    acme_directory: str
+    acme_email: str
+    acme_ca_bundle: str
+    https_proxy_protocol: bool
+    handshake_timeout: float  # also bounds the PROXY header and the TLS handshake
+
+    @classmethod
+    def from_config(cls, config: Config) -> TlsSettings:
+        return cls(
+            domain=config.domain,
+            tls_cert=config.tls_cert,
+            tls_key=config.tls_key,
+            cert_cache=config.cert_cache,
+            acme_directory=config.acme_directory,
+            acme_email=config.acme_email,
+            acme_ca_bundle=config.acme_ca_bundle,
+            https_proxy_protocol=config.https_proxy_protocol,
+            handshake_timeout=config.handshake_timeout,
+        )
+
+
 class TlsFrontEnd:
     """One TLS mode's certificate source and listeners."""
 
-    def __init__(self, config: Config, listeners: Listeners, log: Logger, version: str) -> None:
+    def __init__(
+        self, config: TlsSettings, listeners: Listeners, log: Logger, version: str
+    ) -> None:
         self.config = config
         self.addresses = listeners
         self.log = log
