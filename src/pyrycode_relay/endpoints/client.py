@@ -23,6 +23,7 @@ from pyrycode_relay.core.envelope import (
 from pyrycode_relay.core.outbox import Item, Outbox
 from pyrycode_relay.core.registry import Register
 from pyrycode_relay.endpoints.relay import ERR_BINARY_GONE
+from pyrycode_relay.endpoints.roles import HeldByConnection
 from pyrycode_relay.transport.connection import Connection
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ ERR_WRITE_TIMEOUT = "relay: phone write timed out"
 GOING_AWAY = 1001
 
 
-class PhoneSession:
+class PhoneSession(HeldByConnection):
     """One phone's WebSocket on `/v1/client`: admission, its outbox, its teardown.
 
     Concurrency: runs on the loop's thread from its connection's callbacks (messages,
@@ -79,18 +80,6 @@ class PhoneSession:
 
     def start(self) -> None:
         self.relay.placement.admit(self)
-
-    # -- what a placement sees (roles.Phone) --------------------------------------------
-
-    @property
-    def closing(self) -> bool:
-        return self.conn.closing
-
-    def hold(self) -> None:
-        self.conn.pause_reading()
-
-    def release(self) -> None:
-        self.conn.resume_reading()
 
     def register_local(self) -> None:
         """Registration with the binary on this instance (4404 when there is none)."""

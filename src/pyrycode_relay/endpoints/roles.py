@@ -3,7 +3,8 @@
 Owns: `PhoneEndpoint` (what a binary's session addresses: a phone here, or the cluster's proxy
 for a phone elsewhere), `Phone` (a phone session as a placement and a route to another
 instance see it), `Binary` (the binary session holding or claiming a server-id, as its phones,
-the relay and a placement see it), `RemoteRoute` and `Placement`.
+the relay and a placement see it), `RemoteRoute` and `Placement`; and `HeldByConnection`, the
+one implementation of `Held` both sessions share.
 Must never: import a session, the relay or a placement. Everything that decides where a
 server-id lives depends on these, never on the concrete classes, so sessions, placements and
 the relay form no import circle, and each can be built in a test with fakes of the others.
@@ -12,9 +13,12 @@ the relay form no import circle, and each can be built in a test with fakes of t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pyrycode_relay.core.registry import Register
+
+if TYPE_CHECKING:
+    from pyrycode_relay.transport.connection import Connection
 
 
 class PhoneEndpoint(Protocol):
@@ -46,6 +50,23 @@ class Held(Protocol):
         ...
 
     def release(self) -> None: ...
+
+
+class HeldByConnection:
+    """`Held` for a session over its own connection: holding is not reading the socket."""
+
+    __slots__ = ()
+    conn: Connection
+
+    @property
+    def closing(self) -> bool:
+        return self.conn.closing
+
+    def hold(self) -> None:
+        self.conn.pause_reading()
+
+    def release(self) -> None:
+        self.conn.resume_reading()
 
 
 class Phone(PhoneEndpoint, Held, Protocol):

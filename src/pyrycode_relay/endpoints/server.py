@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pyrycode_relay.core.envelope import EnvelopeError, decode_binary_envelope
 from pyrycode_relay.core.registry import Claim
+from pyrycode_relay.endpoints.roles import HeldByConnection
 from pyrycode_relay.transport.connection import Connection
 from pyrycode_relay.transport.timers import probe
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from pyrycode_relay.endpoints.roles import Binary, PhoneEndpoint
 
 
-class BinarySession:
+class BinarySession(HeldByConnection):
     """One binary's WebSocket on `/v1/server`: the claim, forwarding, back-pressure, grace.
 
     Concurrency: runs on the loop's thread from its connection's callbacks and from its
@@ -57,17 +58,7 @@ class BinarySession:
         self._pending = True  # until the claim is decided
         self._blocked: list[PhoneEndpoint] = []  # phones paused until our socket drains
 
-    # -- what a placement and a claimant elsewhere see (roles.Binary) ------------------
-
-    @property
-    def closing(self) -> bool:
-        return self.conn.closing
-
-    def hold(self) -> None:
-        self.conn.pause_reading()
-
-    def release(self) -> None:
-        self.conn.resume_reading()
+    # -- what a claimant elsewhere sees (roles.Binary; held and released: HeldByConnection)
 
     def ping(self, on_pong: Callable[[], None]) -> bool:
         return self.conn.ping(on_pong)
