@@ -14,13 +14,17 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pyrycode_relay.core.config import parse_args
+from pyrycode_relay.ops import fcm
 from pyrycode_relay.ops.boot import check_boot
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.refusal import ExitCode
 from pyrycode_relay.server import RelayServer
 from pyrycode_relay.tools.bench.ports import free_port
 from tests.e2e.fake_google import service_account
+from tests.e2e.harness import upgrade_headers
 
 
 def lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -52,15 +56,33 @@ def only_this_task() -> bool:
     return asyncio.all_tasks() == {asyncio.current_task()}
 
 
-async def test_a_refusal_after_the_push_sender_undoes_everything_started(tmp_path: Path) -> None:
+class RecordingSender:
+    """Stands in for the FCM client: the server must close whatever push sender it built."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def send(self, token: str) -> object:
+        raise AssertionError("nothing is sent in these tests")
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_refusal_after_the_push_sender_undoes_everything_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sender = RecordingSender()
+    monkeypatch.setattr(fcm, "build_sender", lambda credentials, endpoint: sender)
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
     cert.write_text("not a certificate")
     key.write_text("not a key")
-    fcm = service_account("https://127.0.0.1:1/token")
+    fcm_key = service_account("https://127.0.0.1:1/token")
     flags = (f"--https-listen=127.0.0.1:{free_port()}", f"--tls-cert={cert}", f"--tls-key={key}")
-    code, logged = await run(*flags, fcm=fcm)
+    code, logged = await run(*flags, fcm=fcm_key)
     assert code == ExitCode.CONFIG
     assert [r["msg"] for r in logged] == ["refusing to start: invalid TLS certificate"]
+    assert sender.closed
     assert no_handler_left() and only_this_task()
 
 
@@ -78,24 +100,31 @@ async def test_a_listener_that_cannot_open_exits_1_and_undoes_the_rest() -> None
     assert no_handler_left() and only_this_task()
 
 
-async def test_sigterm_drains_and_a_second_signal_is_ignored() -> None:
+async def test_signals_during_the_drain_are_ours_and_never_fatal() -> None:
     port = free_port()
     server = asyncio.create_task(run(f"--insecure-listen=127.0.0.1:{port}", "--drain-timeout=1s"))
     async with asyncio.timeout(5):
         while True:  # serving once the port answers
             try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                break
             except OSError:
                 await asyncio.sleep(0.01)
-                continue
-            writer.close()
-            break
-    signal.raise_signal(signal.SIGHUP)  # logged, not fatal
-    signal.raise_signal(signal.SIGTERM)
-    signal.raise_signal(signal.SIGTERM)
+    # A binary that will never answer the close: the drain waits for it until its deadline.
+    head = "".join(f"{k}: {v}\r\n" for k, v in upgrade_headers("server", "s1").items())
+    writer.write(f"GET /v1/server HTTP/1.1\r\nHost: relay\r\n{head}\r\n".encode())
+    async with asyncio.timeout(5):
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        signal.raise_signal(signal.SIGHUP)  # serving: logged, not fatal
+        signal.raise_signal(signal.SIGTERM)
+        assert (await reader.readexactly(2))[0] == 0x88  # the drain's close frame: draining
+    signal.raise_signal(signal.SIGTERM)  # a second one, during the drain: ignored
+    signal.raise_signal(signal.SIGHUP)
     code, logged = await asyncio.wait_for(server, 5)
+    writer.close()
     assert code == ExitCode.OK
     msgs = [r["msg"] for r in logged]
-    assert msgs[-2:] == ["shutdown signal received; draining", "shutdown complete"]
-    assert msgs.count("reload signal received; nothing to reload") == 1
+    assert msgs.count("shutdown signal received; draining") == 1
+    assert msgs.count("reload signal received; nothing to reload") == 2
+    assert msgs[-1] == "drain incomplete"
     assert no_handler_left() and only_this_task()

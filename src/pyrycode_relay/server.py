@@ -112,6 +112,10 @@ class RelayServer:
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         config, log = self.config, self.log
+        # First, so that removing them is the very last undo: a signal at any moment from
+        # here to the end (a slow cluster start, the drain, handing ids back) is ours, and a
+        # second SIGTERM or a SIGHUP never falls to the default handler that ends the process.
+        self._handle_signals(stack)
         relay = Relay(config, log, self.version, self._push_sender())
         # Last to run: after the drain, as the reference does; cancels in-flight sends.
         stack.push_async_callback(relay.push.close)
@@ -124,9 +128,6 @@ class RelayServer:
             await cluster.start()  # before any listener: nothing is admitted half-ready
             self._cluster = cluster
         stack.push_async_callback(relay.placement.stop)  # hands our ids back
-        # Before `starting` is logged: whoever waits for that line may signal at once. Until
-        # the very end, so a signal during the drain is still ours, not the default's.
-        self._handle_signals(stack)
         if not config.insecure_listen:
             # Imported here: insecure mode never loads TLS, `cryptography` or `acme`.
             from pyrycode_relay.tls.mode import TlsFrontEnd, TlsSettings

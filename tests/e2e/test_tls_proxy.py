@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pyrycode_relay.tls.proxy import CMD_LOCAL, SIGNATURE, build_proxy_v2
+from pyrycode_relay.tls.proxy import SIGNATURE
 from tests.certs import CA, make_ca, write_leaf
 from tests.e2e.harness import Relay
 from tests.e2e.tlsharness import DOMAIN, client_context, start_tls_relay, tls_request
+from tests.proxyv2 import CMD_LOCAL, build_proxy_v2
 
 HANDSHAKE = 2.0  # --handshake-timeout in FAST_TIMERS
 

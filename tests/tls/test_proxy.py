@@ -10,15 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pyrycode_relay.tls.proxy import (
-    CMD_LOCAL,
     FIXED_LEN,
     SIGNATURE,
     ProxyError,
     ProxyHeader,
-    build_proxy_v2,
     needed,
     parse_proxy_v2,
 )
+from tests.proxyv2 import CMD_LOCAL, build_proxy_v2
 
 CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
 

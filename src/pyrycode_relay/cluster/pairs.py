@@ -18,7 +18,7 @@ from pyrycode_relay.cluster.bus import FAILURES, BusDown
 from pyrycode_relay.cluster.claims import Claims
 from pyrycode_relay.cluster.context import REASON_UNAVAILABLE, UNAVAILABLE, ClusterContext
 from pyrycode_relay.core.registry import Register
-from pyrycode_relay.endpoints.relay import ERR_BINARY_GONE
+from pyrycode_relay.endpoints.roles import ERR_BINARY_GONE
 
 if TYPE_CHECKING:
     from pyrycode_relay.endpoints.roles import Binary, Phone

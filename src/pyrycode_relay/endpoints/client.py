@@ -22,8 +22,7 @@ from pyrycode_relay.core.envelope import (
 )
 from pyrycode_relay.core.outbox import Item, Outbox
 from pyrycode_relay.core.registry import Register
-from pyrycode_relay.endpoints.relay import ERR_BINARY_GONE
-from pyrycode_relay.endpoints.roles import HeldByConnection
+from pyrycode_relay.endpoints.roles import ERR_BINARY_GONE, HeldByConnection
 from pyrycode_relay.transport.connection import Connection
 
 if TYPE_CHECKING:
@@ -39,10 +38,12 @@ GOING_AWAY = 1001
 class PhoneSession(HeldByConnection):
     """One phone's WebSocket on `/v1/client`: admission, its outbox, its teardown.
 
-    Concurrency: runs on the loop's thread from its connection's callbacks (messages,
-    writability, timeouts, close) and from its binary's session (delivery, directives,
-    pause/resume), never from a task. It never closes its binary; it closes only its own
-    connection, and its `on_closed` unregisters it and sends the close notice exactly once.
+    Concurrency: the loop's thread only: its connection's callbacks (messages, writability,
+    timeouts, close), its binary's session (delivery, directives, pause/resume) and, in
+    cluster mode, the placement's tasks (the admission's answer) and the bus's subscriber
+    (what its binary on another instance does to it). Nothing here awaits. It never closes
+    its binary; it closes only its own connection, and its `on_closed` unregisters it and
+    sends the close notice exactly once.
     """
 
     __slots__ = (

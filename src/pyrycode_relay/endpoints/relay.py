@@ -19,11 +19,9 @@ from pyrycode_relay.core.ratelimit import TokenBucketLimiter
 from pyrycode_relay.core.registry import GraceToken, Registry
 from pyrycode_relay.core.stats import RelayStats
 from pyrycode_relay.endpoints.placement import LocalPlacement
-from pyrycode_relay.endpoints.roles import Binary, PhoneEndpoint, Placement
+from pyrycode_relay.endpoints.roles import ERR_BINARY_GONE, Binary, PhoneEndpoint, Placement
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.push import PushSender, PushWaker
-
-ERR_BINARY_GONE = "relay: binary connection closed"
 
 
 class Relay:

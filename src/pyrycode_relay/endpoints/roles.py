@@ -20,6 +20,9 @@ from pyrycode_relay.core.registry import Register
 if TYPE_CHECKING:
     from pyrycode_relay.transport.connection import Connection
 
+# The `err` of a frame or close notice that met no open binary socket, wherever the phone is.
+ERR_BINARY_GONE = "relay: binary connection closed"
+
 
 class PhoneEndpoint(Protocol):
     """What a binary's session addresses."""

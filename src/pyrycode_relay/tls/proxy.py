@@ -27,7 +27,6 @@ SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 FIXED_LEN: Final = 16  # signature (12) + ver/cmd + fam/proto + 2-byte length
 
 VERSION_2: Final = 0x2
-CMD_LOCAL: Final = 0x0
 CMD_PROXY: Final = 0x1
 FAM_INET: Final = 0x1
 FAM_INET6: Final = 0x2
@@ -107,23 +106,4 @@ def parse_proxy_v2(buf: bytes) -> ProxyHeader | None:
     src, dst, sport, dport = struct.unpack("!16s16sHH", addrs)
     return ProxyHeader(
         str(ipaddress.IPv6Address(src)), sport, str(ipaddress.IPv6Address(dst)), dport, total
-    )
-
-
-def build_proxy_v2(
-    source: tuple[str, int], dest: tuple[str, int], *, command: int = CMD_PROXY, tlvs: bytes = b""
-) -> bytes:
-    """A v2 header for TCP over the addresses' family (what a front proxy sends). Used by
-    tests and `bench`; the relay itself only parses."""
-    src = ipaddress.ip_address(source[0])
-    dst = ipaddress.ip_address(dest[0])
-    if src.version != dst.version:
-        raise ValueError("source and destination must be the same IP version")
-    family = FAM_INET if src.version == 4 else FAM_INET6
-    body = src.packed + dst.packed + struct.pack("!HH", source[1], dest[1]) + tlvs
-    return (
-        SIGNATURE
-        + bytes([VERSION_2 << 4 | command, family << 4 | PROTO_STREAM])
-        + struct.pack("!H", len(body))
-        + body
     )

@@ -148,9 +148,10 @@ class Connection(asyncio.Protocol):
     """One accepted TCP connection, from its request head to its close.
 
     Concurrency: asyncio calls the Protocol methods on the loop's thread, one at a time;
-    everything else here runs from them or from this connection's timers and
-    `call_soon` callbacks, never from a task. The handler (a session) is called from those
-    same callbacks and may call back in (send, close, pause). Who closes what: the relay
+    everything else here runs from them, from this connection's timers and `call_soon`
+    callbacks, or from a session (which, in cluster mode, may be acting on a placement task's
+    decision); nothing here awaits. The handler (a session) is called from those callbacks
+    and may call back in (send, close, pause). Who closes what: the relay
     closes through `close` (a close frame, then the transport after the close timeout) or
     `abort`; the transport reports the end once, through `connection_lost`, which stops
     every timer and runs the handler's `on_closed` (at most once, also when the relay
@@ -473,6 +474,7 @@ class Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closing = True
+        self._stop_timers()  # connection_lost follows, and stops the close timer too
         self._uncork()  # what an unbatched write would already have handed to the kernel
         if self.transport is not None:
             self.transport.abort()
