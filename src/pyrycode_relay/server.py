@@ -181,7 +181,12 @@ class RelayServer:
 
     @property
     def mode(self) -> str:
-        return "insecure" if self._tls is None else self._tls.mode
+        """The mode the boot checks chose, known from the first moment (a SIGHUP may come
+        before the TLS front end exists)."""
+        config = self.config
+        if config.insecure_listen:
+            return "insecure"
+        return "static-tls" if config.tls_cert else "autocert"
 
     async def _open_listeners(self, relay: Relay, live: LiveConnections) -> list[Listener]:
         """Every listener, in bind order; on a failure the ones already open are closed."""

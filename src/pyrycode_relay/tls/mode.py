@@ -91,10 +91,6 @@ class TlsFrontEnd:
                 log,
             )
 
-    @property
-    def mode(self) -> str:
-        return "static-tls" if self.static else "autocert"
-
     def prepare(self) -> None:
         """Start-up checks (blocking file access is fine before serving); raises Refusal."""
         config = self.config
