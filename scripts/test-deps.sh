@@ -39,8 +39,9 @@ command -v redis-server >/dev/null || apt_install redis-server
 if ! command -v systemd-analyze >/dev/null && [ "$(id -u)" = 0 ]; then apt_install systemd; fi
 
 bash scripts/install.sh "$venv" "$lock" --editable
-echo "== $deps: $("$venv/bin/python" -m pip freeze --exclude-editable | grep -ciE '^[a-z0-9]') packages;" \
-  "$(grep -E '^(redis|websockets|cryptography|acme|pytest)==' <("$venv/bin/python" -m pip freeze) | tr '\n' ' ')"
+installed=$("$venv/bin/python" -m pip freeze --exclude-editable)
+echo "== $deps: $(grep -ciE '^[a-z0-9]' <<<"$installed") packages;" \
+  "$(grep -E '^(redis|websockets|cryptography|acme|pytest)==' <<<"$installed" | tr '\n' ' ')"
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check .
 "$venv/bin/mypy"
