@@ -15,11 +15,51 @@ from collections.abc import Sequence
 
 from pyrycode_relay import __version__
 from pyrycode_relay.core.addresses import Listeners
-from pyrycode_relay.core.config import Config, ConfigError, HelpRequested, parse_args, usage
+from pyrycode_relay.core.config import (
+    Config,
+    ConfigError,
+    HelpRequested,
+    log_format_hint,
+    parse_args,
+    usage,
+)
 from pyrycode_relay.ops import logbridge
-from pyrycode_relay.ops.boot import ENV_FCM_CREDENTIALS, check_boot
+from pyrycode_relay.ops.boot import (
+    ENV_FCM_CREDENTIALS,
+    ENV_PRODUCTION,
+    ENV_SINGLE_INSTANCE,
+    check_boot,
+)
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
+
+MSG_BAD_COMMAND_LINE = "refusing to start: invalid command line"
+
+
+def help_text() -> str:
+    """`--help`: the commands, the modes, every flag, and what only the environment sets."""
+    return (
+        "Usage: pyrycode-relay [FLAGS]                 serve\n"
+        "       pyrycode-relay --check-config [FLAGS]  check the configuration, print the plan\n"
+        "       pyrycode-relay probe [OPTIONS] URL     check a running relay (probe --help)\n"
+        "       pyrycode-relay bench SCENARIO [...]    measure a relay under load (bench --help)\n"
+        "\n"
+        "Modes (exactly one):\n"
+        "  --insecure-listen ADDR          plain HTTP behind a TLS-terminating proxy\n"
+        "  --domain NAME                   TLS with certificates from ACME (Let's Encrypt)\n"
+        "  --tls-cert FILE --tls-key FILE  TLS with PEM files (SIGHUP reloads them)\n"
+        "Any mode plus --cluster-redis URL runs several instances as one relay.\n"
+        "\n"
+        "Flags:\n" + usage() + "\n"
+        "Set only in the environment (values are never logged):\n"
+        f"  {ENV_FCM_CREDENTIALS:<34} service-account JSON key; turns push wake on\n"
+        f"  {ENV_PRODUCTION + '=1':<34} refuse insecure mode and running as root\n"
+        f"  {ENV_SINGLE_INSTANCE + '=1':<34} assert one instance where FLY_APP_NAME is set\n"
+        f"  {'NOTIFY_SOCKET':<34} set by systemd (Type=notify): READY, RELOADING, STOPPING\n"
+        "\n"
+        "Signals: SIGTERM/SIGINT drain (close 1001), SIGHUP reloads static TLS files.\n"
+        "Exit codes: 0 clean exit, 1 runtime or listener failure, 2 configuration refused.\n"
+    )
 
 
 def _proc_status() -> str | None:
@@ -56,12 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_args(args, os.environ)
     except HelpRequested:
-        print(usage(), file=sys.stderr)
+        sys.stdout.write(help_text())
         return ExitCode.OK
     except ConfigError as exc:
-        print(f"pyrycode-relay: {exc}", file=sys.stderr)
-        if exc.usage:
-            print(usage(), file=sys.stderr)
+        # Reported like every other refusal, in the format the command line asked for.
+        refused = Logger(sys.stderr, log_format_hint(args, os.environ), "info")
+        refused.error(MSG_BAD_COMMAND_LINE, reason=str(exc), fix="see --help")
         return ExitCode.CONFIG
     if config.version:
         print(__version__)

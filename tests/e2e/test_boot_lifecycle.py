@@ -281,7 +281,7 @@ async def test_invalid_env_flag_value_withheld() -> None:  # I71-81 (README §2)
 async def test_unknown_flag_exit_2() -> None:  # I71-81: unknown flag → exit 2 (§9.3 step 1)
     code, out = await run_relay(insecure(), "--no-such-flag=1")
     assert code == 2
-    assert "flag provided but not defined: -no-such-flag" in out
+    assert "flag provided but not defined: --no-such-flag" in out
 
 
 async def test_env_fallback_and_command_line_wins() -> None:  # I71-81 (README §2)

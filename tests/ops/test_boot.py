@@ -82,8 +82,9 @@ def test_domain_mode_boots() -> None:
     boot(cfg(*DOMAIN, "--http-listen=:8080", "--https-listen=:8443", "--https-proxy-protocol"))
 
 
-def test_insecure_wins_over_domain() -> None:
-    boot(cfg(*INSECURE, *DOMAIN))
+def test_insecure_with_domain_is_refused_not_silently_insecure() -> None:
+    r = refusal(cfg(*INSECURE, *DOMAIN))
+    assert r.msg == "refusing to start: --insecure-listen is mutually exclusive with --domain"
 
 
 # --- 1. mode ----------------------------------------------------------------------------------
@@ -95,6 +96,7 @@ def test_neither_domain_nor_insecure() -> None:
         "either --domain (for autocert) or --insecure-listen (for behind-proxy mode) must be set"
     )
     assert str(r) == r.msg
+    assert "--tls-cert" in r.fields["fix"]  # every mode is named, the static one too
 
 
 # --- 2. insecure exclusivity ------------------------------------------------------------------
@@ -119,7 +121,7 @@ def test_insecure_with_explicit_false_proxy_protocol() -> None:
 
 
 @pytest.mark.parametrize(
-    "flag", ["tls-cert", "tls-key", "acme-directory", "acme-email", "acme-ca-bundle"]
+    "flag", ["domain", "tls-cert", "tls-key", "acme-directory", "acme-email", "acme-ca-bundle"]
 )
 def test_insecure_with_our_tls_flags(flag: str) -> None:
     r = refusal(cfg(*INSECURE, f"--{flag}=x"))
@@ -398,7 +400,7 @@ def test_metrics_refused(addr: str) -> None:
 
 @pytest.mark.parametrize("addr", [":0", "garbage", ":http", "1.2.3.4:99999", "::1:80"])
 def test_invalid_insecure_listener(addr: str) -> None:
-    r = refusal(cfg(f"--insecure-listen={addr}", *DOMAIN))
+    r = refusal(cfg(f"--insecure-listen={addr}"))
     assert r.msg == "refusing to start: invalid listener address"
     assert r.fields["addr"] == addr
     assert r.fields["reason"].startswith("relay: ")

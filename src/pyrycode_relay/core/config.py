@@ -28,21 +28,14 @@ _Check = Literal["none", "positive", "at_least_1", "non_negative"]
 
 
 class ConfigError(Exception):
-    """A flag or flag value was refused. `str()` is one line naming the flag and the problem.
-
-    `usage` is true when the CLI should also print the usage text (unknown flag, bad syntax).
-    """
-
-    def __init__(self, message: str, *, usage: bool = False) -> None:
-        super().__init__(message)
-        self.usage = usage
+    """A flag or flag value was refused. `str()` is one line naming the flag and the problem."""
 
 
 class HelpRequested(ConfigError):
-    """`-h`/`--help` was given: the CLI prints usage (the reference exits 0 for this)."""
+    """`-h`/`--help` was given: the CLI prints the help and exits 0 (as the reference does)."""
 
     def __init__(self) -> None:
-        super().__init__("help requested", usage=True)
+        super().__init__("help requested")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +50,7 @@ class Config:
     https_proxy_protocol: bool
     max_connections: int
     version: bool
+    check_config: bool
     grace_period: float
     heartbeat_interval: float
     heartbeat_timeout: float
@@ -129,6 +123,13 @@ _FLAGS: Final[tuple[_Flag, ...]] = (
     _Flag("https-proxy-protocol", "bool", False, "require a PROXY v2 header on --https-listen"),
     _Flag("max-connections", "int", 1000, "global live-WebSocket cap (over it: HTTP 503)"),
     _Flag("version", "bool", False, "print the version and exit", env=False),
+    _Flag(
+        "check-config",
+        "bool",
+        False,
+        "check the configuration, print the plan and exit (binds nothing)",
+        env=False,
+    ),
     _Flag("grace-period", "duration", 30.0, "how long a vanished binary's phones wait"),
     _Flag("heartbeat-interval", "duration", 30.0, "ping interval", "positive"),
     _Flag("heartbeat-timeout", "duration", 30.0, "pong wait before closing", "positive"),
@@ -294,13 +295,14 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
             break
         name = arg[2:] if arg[1] == "-" else arg[1:]
         if not name or name[0] in "-=":
-            raise ConfigError(f"bad flag syntax: {arg}", usage=True)
+            raise ConfigError(f"bad flag syntax: {arg}")
         name, sep, value = name.partition("=")
         flag = _BY_NAME.get(name)
         if flag is None:
             if name in ("h", "help"):
                 raise HelpRequested
-            raise ConfigError(f"flag provided but not defined: -{name}", usage=True)
+            # Named as typed (`--bogus`, `-bogus`), never with its value.
+            raise ConfigError(f"flag provided but not defined: {arg.partition('=')[0]}")
         if flag.kind == "bool":
             # A boolean never consumes the next argument.
             raw = value if sep else "true"
@@ -311,7 +313,7 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
             raw = args[i]
             i += 1
         else:
-            raise ConfigError(f"flag needs an argument: --{flag.name}", usage=True)
+            raise ConfigError(f"flag needs an argument: --{flag.name}")
         source = _Source(raw, from_env=False)
         try:
             values[flag.name] = _convert(flag, raw)
@@ -320,7 +322,7 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         sources[flag.name] = source
 
     if i < len(args):
-        raise ConfigError(f"unexpected argument {_quote(args[i])}", usage=True)
+        raise ConfigError(f"unexpected argument {_quote(args[i])}")
 
     for flag in _FLAGS:
         if flag.name in values or not flag.env:
@@ -385,13 +387,12 @@ def _default_text(flag: _Flag) -> str:
 
 
 def usage() -> str:
-    """Usage text: one line per flag with its type, one-line help and default."""
+    """The flags part of `--help`: one line per flag with its type, one-line help and default."""
+    command_line_only = " and ".join(f"--{f.name}" for f in _FLAGS if not f.env)
     lines = [
-        "Usage: pyrycode-relay [FLAGS]",
-        "",
-        f"Every flag except --version may also be set as {ENV_PREFIX}<FLAG_IN_UPPER_SNAKE>;",
-        "the command line wins. Durations: 30s, 250ms, 1m30s or bare seconds. Sizes: bytes,",
-        "KiB, MiB or GiB.",
+        f"Every flag except {command_line_only} may also be set as",
+        f"{ENV_PREFIX}<FLAG_IN_UPPER_SNAKE>; the command line wins. Durations: 30s, 250ms,",
+        "1m30s or bare seconds. Sizes: bytes, KiB, MiB or GiB.",
         "",
     ]
     width = max(len(f.name) + len(f.kind) for f in _FLAGS) + 4
@@ -399,3 +400,21 @@ def usage() -> str:
         head = f"--{flag.name} {flag.kind}"
         lines.append(f"  {head:<{width}} {flag.help} (default {_default_text(flag)})")
     return "\n".join(lines) + "\n"
+
+
+def log_format_hint(argv: Sequence[str], environ: Mapping[str, str]) -> str:
+    """The --log-format a command line asks for, read leniently: a refused command line is
+    still reported in the format the operator chose. `text` when absent or not understood."""
+    chosen = environ.get(_BY_NAME["log-format"].env_var, "")
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        name, sep, value = arg.lstrip("-").partition("=")
+        if name != "log-format" or not arg.startswith("-"):
+            continue
+        if sep:
+            chosen = value
+        elif i + 1 < len(args):
+            chosen = args[i + 1]
+    return chosen if chosen in _BY_NAME["log-format"].choices else "text"

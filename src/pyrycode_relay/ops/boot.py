@@ -83,6 +83,7 @@ REASON_FCM_CREDENTIALS: Final = (
 _REFERENCE_TLS_ONLY_FLAGS: Final = ("http-listen", "https-listen", "https-proxy-protocol")
 _TLS_ONLY_FLAGS: Final = (
     *_REFERENCE_TLS_ONLY_FLAGS,
+    "domain",
     "tls-cert",
     "tls-key",
     "acme-directory",
@@ -147,6 +148,10 @@ CAPABILITY_NAMES: Final[tuple[str, ...]] = (
     "cap_checkpoint_restore",
 )
 
+_FIX_NO_MODE: Final = (
+    "pass --insecure-listen ADDR (behind a TLS-terminating proxy), --domain NAME (certificates "
+    "from ACME) or --tls-cert FILE --tls-key FILE (static certificates)"
+)
 _FIX_INSECURE_EXCLUSIVE: Final = (
     "use --insecure-listen alone (proxy-fronted plaintext mode), OR use --domain with optional "
     "--http-listen / --https-listen (autocert mode); the TLS listener flags have no effect in "
@@ -213,7 +218,7 @@ def check_boot(
     static = config.tls_cert != "" or config.tls_key != ""
 
     if not insecure and config.domain == "" and not static:
-        raise Refusal(MSG_NO_MODE)
+        raise Refusal(MSG_NO_MODE, {"fix": _FIX_NO_MODE})
 
     cluster = config.cluster_redis != ""
     if cluster or "instance-id" in config.explicit or "cluster-lease" in config.explicit:
