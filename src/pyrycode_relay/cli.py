@@ -32,6 +32,7 @@ from pyrycode_relay.ops.boot import (
 )
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
+from pyrycode_relay.ops.sdnotify import SystemdNotifier
 
 MSG_BAD_COMMAND_LINE = "refusing to start: invalid command line"
 
@@ -73,8 +74,13 @@ def _proc_status() -> str | None:
 def _run(config: Config, listeners: Listeners, log: Logger, fcm_credentials: str | None) -> int:
     from pyrycode_relay.server import RelayServer
 
+    notifier = SystemdNotifier(os.environ, lambda err: log.warn("sd_notify failed", err=err))
+
     async def serve() -> ExitCode:
-        return await RelayServer(config, listeners, log, __version__, fcm_credentials).run()
+        server = RelayServer(
+            config, listeners, log, __version__, fcm_credentials, notifier=notifier
+        )
+        return await server.run()
 
     try:
         import uvloop

@@ -1,11 +1,13 @@
 """The relay process from start-up to exit: one owner for its whole lifecycle.
 
 Owns: building what serves (the push sender, the `Relay`, the cluster placement, the TLS front
-end), opening every listener, the signals (SIGTERM and SIGINT start the drain, a second one is
-ignored; SIGHUP reloads a static certificate and is otherwise logged and ignored, never fatal),
-the periodic rate-limiter sweep, the bounded drain (every WebSocket closed 1001 `shutting
-down` within --drain-timeout), and the exit code. Everything started is undone on one
-`AsyncExitStack`, in reverse order, however start-up or serving ends.
+end), opening every listener, readiness (`/readyz` and the systemd notifications: READY once
+serving, RELOADING around a certificate reload, STOPPING at the drain), the signals (SIGTERM
+and SIGINT start the drain, a second one is ignored; SIGHUP reloads a static certificate and
+is otherwise logged and ignored, never fatal), the periodic rate-limiter sweep, the bounded
+drain (every WebSocket closed 1001 `shutting down` within --drain-timeout; the metrics
+listener, with its `/readyz`, closes last), and the exit code. Everything started is undone
+on one `AsyncExitStack`, in reverse order, however start-up or serving ends.
 Must never: validate flags (ops.boot did) or touch frames.
 """
 
@@ -26,7 +28,9 @@ from pyrycode_relay.ops.boot import ENV_FCM_CREDENTIALS, MSG_ENV, REASON_FCM_CRE
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.metrics import MetricsExporter
 from pyrycode_relay.ops.push import PushSender
+from pyrycode_relay.ops.readiness import Readiness
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
+from pyrycode_relay.ops.sdnotify import SystemdNotifier
 from pyrycode_relay.transport.connection import Connection, ConnSettings, Listener, listen
 
 if TYPE_CHECKING:
@@ -77,15 +81,20 @@ class RelayServer:
         log: Logger,
         version: str,
         fcm_credentials: str | None = None,
+        *,
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         self.config = config
         self.listeners = listeners  # parsed by the boot checks
         self.log = log
         self.version = version
         self._fcm_credentials = fcm_credentials
+        self._notify = notifier or SystemdNotifier({})
+        self.readiness = Readiness()
         self._stop = asyncio.Event()
         self._tls: TlsFrontEnd | None = None
         self._cluster: ClusterPlacement | None = None
+        self._metrics_listener: Listener | None = None
 
     async def run(self) -> ExitCode:
         """Serve until SIGTERM/SIGINT, then drain. A refusal or a listener that cannot be
@@ -102,7 +111,9 @@ class RelayServer:
                 self.log.error("listener failed", addr=failed.address, err=failed.err)
                 self.log.error("listener error; draining")
                 return ExitCode.RUNTIME
+            self._notify.ready(self._status())
             await self._stop.wait()
+            self._notify.stopping()
             self.log.info("shutdown signal received; draining")
             # Leaving the block stops the TLS tasks and the sweeper, drains, hands this
             # instance's ids back to the cluster and closes the push sender, in that order.
@@ -127,17 +138,21 @@ class RelayServer:
             relay.placement = cluster
             await cluster.start()  # before any listener: nothing is admitted half-ready
             self._cluster = cluster
+            self.readiness.require("redis", lambda: cluster.bus.up)
         stack.push_async_callback(relay.placement.stop)  # hands our ids back
         if not config.insecure_listen:
             # Imported here: insecure mode never loads TLS, `cryptography` or `acme`.
             from pyrycode_relay.tls.mode import TlsFrontEnd, TlsSettings
 
             tls_settings = TlsSettings.from_config(config)
-            self._tls = TlsFrontEnd(tls_settings, self.listeners, log, self.version)
-            self._tls.prepare()
+            tls = TlsFrontEnd(tls_settings, self.listeners, log, self.version)
+            tls.prepare()
+            self._tls = tls
+            self.readiness.require("certificate", lambda: tls.has_certificate)
         live = LiveConnections()
         servers = await self._open_listeners(relay, live)
         stack.push_async_callback(self._drain, relay, servers, live)
+        self.readiness.listening()
         if self._tls is not None:
             self._tls.start()
             stack.callback(self._tls.close)
@@ -174,10 +189,16 @@ class RelayServer:
     def _on_hangup(self) -> None:
         tls = self._tls
         if tls is not None and tls.static:
-            tls.reload()
+            self._notify.reloading()
+            tls.reload().add_done_callback(lambda _: self._notify.ready(self._status()))
             return
         # Like nginx or Caddy, SIGHUP means "reload"; no other mode has a file to reload.
         self.log.info("reload signal received; nothing to reload", signal="SIGHUP", mode=self.mode)
+
+    def _status(self) -> str:
+        """The service manager's STATUS line."""
+        ready, text = self.readiness.verdict()
+        return f"serving {self.mode}" if ready else f"serving {self.mode}; {text}"
 
     @property
     def mode(self) -> str:
@@ -193,12 +214,12 @@ class RelayServer:
         config = self.config
         settings = ConnSettings.from_config(config)
         openers: list[tuple[ListenAddress, Callable[[], Awaitable[Listener]]]] = []
+        router = MainRouter(relay, self.readiness)
         if self._tls is None:
-            router = MainRouter(relay)
             address = self.listeners.main
             openers.append((address, lambda: listen(address, router, settings, live)))
         else:
-            openers.extend(self._tls.listeners(relay, settings, live))
+            openers.extend(self._tls.listeners(router, settings, live))
         metrics_address = self.listeners.metrics
         if metrics_address is not None:
             exporter = MetricsExporter(
@@ -209,11 +230,12 @@ class RelayServer:
                 tasks=lambda: len(asyncio.all_tasks()),
                 cluster=None if self._cluster is None else self._cluster.figures,
             )
-            metrics = MetricsRouter(exporter)
+            metrics = MetricsRouter(exporter, self.readiness)
 
             async def open_metrics() -> Listener:
                 self.log.info("starting metrics listener", addr=metrics_address.text)
-                return await listen(metrics_address, metrics, settings, live)
+                self._metrics_listener = await listen(metrics_address, metrics, settings, live)
+                return self._metrics_listener
 
             openers.append((metrics_address, open_metrics))
         servers: list[Listener] = []
@@ -258,10 +280,13 @@ class RelayServer:
     # -- shutdown ---------------------------------------------------------------------
 
     async def _drain(self, relay: Relay, servers: list[Listener], live: LiveConnections) -> None:
-        """Refuse new connections, close every WebSocket 1001, wait up to --drain-timeout."""
+        """Refuse new connections, close every WebSocket 1001, wait up to --drain-timeout.
+        The metrics listener stays open to the end, so /readyz says 503 while draining."""
         relay.shutting_down = True
+        self.readiness.draining = True
         for server in servers:
-            server.close()
+            if server is not self._metrics_listener:
+                server.close()
         for conn in list(live):
             handler = conn.handler
             if handler is None:
@@ -276,4 +301,7 @@ class RelayServer:
             self.log.warn("shutdown deadline exceeded; force-closed listeners")
             self.log.warn("drain incomplete")
             return
+        finally:
+            if self._metrics_listener is not None:
+                self._metrics_listener.close()
         self.log.info("shutdown complete")

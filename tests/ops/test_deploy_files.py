@@ -236,6 +236,10 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
         "StateDirectoryMode": "0700",
         "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",
         "AmbientCapabilities": "CAP_NET_BIND_SERVICE",
+        # Readiness and reload as the relay speaks them (tests/e2e/test_readiness.py).
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "ExecReload": "/bin/kill -HUP $MAINPID",
     }.items():
         assert values.get(key) == value, key
     config = parse_command(shlex.split(values["ExecStart"].replace("%S", "/var/lib")))

@@ -1,9 +1,11 @@
 """Which handler a request head goes to, and the admission order in front of them.
 
-Owns: the three routes (`/healthz`, `/v1/server`, `/v1/client`; 404 elsewhere) and the
+Owns: the reference's three routes (`/healthz`, `/v1/server`, `/v1/client`), our `/readyz`
+(404 elsewhere), and the
 fixed order of checks before a WebSocket exists (reference §1.2): rate limit → global
 cap → per-IP cap → header gate → handshake; then the session decides the registry
-outcome as a close code after the 101. Also the loopback `/metrics` route.
+outcome as a close code after the 101. Also the loopback listener's `/metrics` and
+`/readyz` routes.
 Must never: log a header value. The header gate and handshake failures are not logged.
 """
 
@@ -20,6 +22,7 @@ from pyrycode_relay.endpoints.relay import Relay
 from pyrycode_relay.endpoints.server import BinarySession
 from pyrycode_relay.ops.log import go_quote
 from pyrycode_relay.ops.metrics import MetricsExporter
+from pyrycode_relay.ops.readiness import Readiness
 from pyrycode_relay.transport.connection import Connection
 from pyrycode_relay.transport.http import (
     RequestHead,
@@ -45,15 +48,19 @@ _REQUIRED = {
 
 
 class MainRouter:
-    __slots__ = ("relay",)
+    __slots__ = ("readiness", "relay")
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, readiness: Readiness) -> None:
         self.relay = relay
+        self.readiness = readiness
 
     def route(self, conn: Connection, head: RequestHead) -> None:
         path = head.path
         if path == "/healthz":
             conn.respond(json_response(healthz_body(self.relay)))
+            return
+        if path == "/readyz":  # like /healthz: not rate limited, not capped, not logged
+            conn.respond(readyz_response(self.readiness))
             return
         endpoint = _ENDPOINTS.get(path)
         if endpoint is None:
@@ -116,15 +123,30 @@ def healthz_body(relay: Relay) -> bytes:
     )
 
 
+def readyz_response(readiness: Readiness) -> bytes:
+    """200 `ready`, or 503 `not ready: <what is missing>`; one line of plain text."""
+    ready, text = readiness.verdict()
+    return response(
+        200 if ready else 503,
+        [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")],
+        text.encode() + b"\n",
+    )
+
+
 class MetricsRouter:
-    """The loopback metrics listener: `/metrics` only."""
+    """The loopback metrics listener: `/metrics`, and `/readyz` for local checks (it stays
+    open while draining and answers before a TLS certificate exists)."""
 
-    __slots__ = ("_render",)
+    __slots__ = ("_readiness", "_render")
 
-    def __init__(self, exporter: MetricsExporter) -> None:
+    def __init__(self, exporter: MetricsExporter, readiness: Readiness) -> None:
         self._render: Callable[[], tuple[bytes, str]] = exporter.render
+        self._readiness = readiness
 
     def route(self, conn: Connection, head: RequestHead) -> None:
+        if head.path == "/readyz":
+            conn.respond(readyz_response(self._readiness))
+            return
         if head.path != "/metrics":
             conn.respond(not_found())
             return

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 from pyrycode_relay.core.addresses import ListenAddress, Listeners
 from pyrycode_relay.core.config import Config
-from pyrycode_relay.endpoints.relay import Relay
-from pyrycode_relay.endpoints.router import MainRouter
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
 from pyrycode_relay.tls.acme import AcmeSettings, AutoCert
@@ -123,12 +121,12 @@ class TlsFrontEnd:
             )
 
     def listeners(
-        self, relay: Relay, settings: ConnSettings, live: set[Connection]
+        self, main: Router, settings: ConnSettings, live: set[Connection]
     ) -> list[tuple[ListenAddress, Callable[[], Awaitable[Listener]]]]:
         """(address, opener) for each listener, in bind order: the challenge listener
-        first, so ACME can validate as soon as the HTTPS side exists."""
+        first, so ACME can validate as soon as the HTTPS side exists. `main` serves the
+        HTTPS side, behind the Host gate when a --domain is configured."""
         config = self.config
-        main: Router = MainRouter(relay)
         if config.domain:
             main = HostGate(main, config.domain)
         out: list[tuple[ListenAddress, Callable[[], Awaitable[Listener]]]] = []
@@ -175,11 +173,17 @@ class TlsFrontEnd:
         if self.autocert is not None:
             self._task = asyncio.get_running_loop().create_task(self.autocert.run())
 
-    def reload(self) -> None:
+    @property
+    def has_certificate(self) -> bool:
+        """A certificate is being served (ACME may not have delivered one yet)."""
+        return self.switch.current is not None
+
+    def reload(self) -> asyncio.Task[None]:
         """Static files: load them again (off the loop) and serve them if they are good."""
         task = asyncio.get_running_loop().create_task(self._reload())
         self._reloads.add(task)
         task.add_done_callback(self._reloads.discard)
+        return task
 
     async def _reload(self) -> None:
         config = self.config
