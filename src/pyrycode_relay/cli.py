@@ -89,6 +89,18 @@ def _run(config: Config, listeners: Listeners, log: Logger, fcm_credentials: str
     return uvloop.run(serve())
 
 
+def _check_config(config: Config, listeners: Listeners, log: Logger) -> int:
+    from pyrycode_relay.ops.checkconfig import check_config, render
+
+    try:
+        plan = check_config(config, listeners, os.environ)
+    except Refusal as refusal:
+        refusal.log(log)
+        return refusal.exit_code
+    sys.stdout.write(render(plan, __version__, config.log_format))
+    return ExitCode.OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["probe"]:  # tooling subcommand (README §2); never needed to serve
@@ -125,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Refusal as refusal:
         refusal.log(log)
         return refusal.exit_code
+    if config.check_config:
+        return _check_config(config, listeners, log)
     try:
         # The key goes to the push sender only; it is never part of Config (which is printed
         # in errors and tests) nor logged.

@@ -3,14 +3,20 @@ stdout, one-line refusals in the chosen log format, conflicting modes named."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import subprocess
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 
+from pyrycode_relay import __version__
 from pyrycode_relay.tools.bench.ports import free_port
 from pyrycode_relay.tools.bench.spawn import relay_command, relay_env
+from tests.certs import make_ca, write_leaf
+from tests.e2e.clusterharness import redis_server
 
 
 def run(*flags: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -106,3 +112,91 @@ def test_insecure_with_domain_names_the_conflict() -> None:
     assert done.returncode == 2
     [line] = done.stderr.splitlines()
     assert "--insecure-listen is mutually exclusive with --domain" in line
+
+
+# -- --check-config -------------------------------------------------------------------
+
+
+def test_check_config_on_the_readme_command_prints_the_plan_and_binds_nothing() -> None:
+    port, metrics = free_port(), free_port()
+    # Both ports are taken: a start would fail to listen; a check never tries.
+    with socket.create_server(("127.0.0.1", port)), socket.create_server(("127.0.0.1", metrics)):
+        done = run(
+            f"--insecure-listen=127.0.0.1:{port}",
+            f"--metrics-listen=127.0.0.1:{metrics}",
+            "--check-config",
+        )
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"configuration ok: pyrycode-relay {__version__} would serve"
+    plan = dict(line.split(None, 1) for line in lines[1:] if not line.startswith("  rate"))
+    assert plan["mode"] == "insecure"
+    assert plan["listen"].startswith(f"127.0.0.1:{port} ")
+    assert plan["metrics"].startswith(f"127.0.0.1:{metrics} ")
+    assert plan["push"] == "off"
+
+
+def test_check_config_static_certificate(tmp_path: Path) -> None:
+    ca = make_ca()
+    cert, key, serial = write_leaf(ca, tmp_path, "relay", ["relay.example.org"])
+    done = run(f"--tls-cert={cert}", f"--tls-key={key}", "--check-config", "--log-format=json")
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    plan = json.loads(done.stdout)
+    assert (plan["config"], plan["mode"]) == ("ok", "static-tls")
+    assert "relay.example.org" in plan["certificate"]
+    assert f"{serial:x}" in plan["certificate"]
+    assert "days left" in plan["certificate"]
+
+
+def test_check_config_missing_certificate_is_one_line_exit_2(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pem"
+    done = run(f"--tls-cert={missing}", f"--tls-key={missing}", "--check-config")
+    assert (done.returncode, done.stdout) == (2, "")
+    [line] = done.stderr.splitlines()
+    assert 'msg="refusing to start: invalid TLS certificate"' in line
+
+
+def test_check_config_mismatched_key_is_refused(tmp_path: Path) -> None:
+    ca = make_ca()
+    cert, _, _ = write_leaf(ca, tmp_path, "one", ["relay.example.org"])
+    _, other_key, _ = write_leaf(ca, tmp_path, "two", ["relay.example.org"])
+    done = run(f"--tls-cert={cert}", f"--tls-key={other_key}", "--check-config")
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_check_config_acme_creates_no_cache_directory(tmp_path: Path) -> None:
+    cache = tmp_path / "state" / "certs"
+    done = run("--domain=relay.example.org", f"--cert-cache={cache}", "--check-config")
+    assert done.returncode == 0, done.stderr
+    assert "will be created 0700" in done.stdout
+    assert not cache.exists() and not cache.parent.exists()
+
+
+def test_check_config_cache_that_is_a_file_exits_1_like_a_start(tmp_path: Path) -> None:
+    cache = tmp_path / "certs"
+    cache.write_text("")
+    done = run("--domain=relay.example.org", f"--cert-cache={cache}", "--check-config")
+    assert done.returncode == 1
+    assert "not a directory" in done.stderr
+
+
+async def test_check_config_cluster_reaches_redis_and_never_prints_its_password() -> None:
+    def check(url: str) -> subprocess.CompletedProcess[str]:
+        return run(insecure(), f"--cluster-redis={url}", "--check-config")
+
+    async with redis_server() as redis:
+        ok = await asyncio.to_thread(check, redis.url)
+        assert ok.returncode == 0, ok.stderr
+        assert "reachable (Redis 7." in ok.stdout
+        # A user whose password is not the one given: AUTH fails; the refusal must not echo it.
+        await redis.command("ACL", "SETUSER", "relay", "on", ">the-right-one", "~*", "+@all")
+        bad = await asyncio.to_thread(check, redis.url.replace("//", "//relay:hunter2-secret@"))
+        assert bad.returncode == 2, bad.stdout
+        assert "hunter2-secret" not in bad.stdout + bad.stderr
+        assert len(bad.stderr.splitlines()) == 1
+        await redis.stop()
+        down = await asyncio.to_thread(check, redis.url)
+    assert down.returncode == 2
+    [line] = down.stderr.splitlines()
+    assert 'msg="refusing to start: redis unreachable"' in line
