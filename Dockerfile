@@ -15,7 +15,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md hatch_build.py ./
 COPY requirements ./requirements
 COPY scripts/install.sh ./scripts/install.sh
 COPY src ./src
@@ -23,6 +23,9 @@ COPY src ./src
 # keeps them identical): exactly the versions in requirements/runtime.lock, hashes checked,
 # wheels only, so no compiler is needed and two builds of one commit install the same bytes.
 # pip itself is removed from the venv afterwards because nothing installs at run time.
+# The build context has no .git: pass the revision for `--version`, e.g.
+# `docker build --build-arg SOURCE_REVISION="$(git rev-parse --short=12 HEAD)" .`
+ARG SOURCE_REVISION=""
 RUN bash scripts/install.sh /opt/venv requirements/runtime.lock \
  && /opt/venv/bin/python -m pip uninstall --yes --quiet pip
 

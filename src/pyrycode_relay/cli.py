@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pyrycode_relay import __version__
+from pyrycode_relay import __version__, source_revision
 from pyrycode_relay.core.addresses import Listeners
 from pyrycode_relay.core.config import (
     Config,
@@ -122,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         refused.error(MSG_BAD_COMMAND_LINE, reason=str(exc), fix="see --help")
         return ExitCode.CONFIG
     if config.version:
-        print(__version__)
+        revision = source_revision()
+        print(__version__ if revision is None else f"{__version__} (revision {revision})")
         return ExitCode.OK
     log = Logger(sys.stderr, config.log_format, config.log_level)
     logbridge.install(log)  # from here on, every line the process writes is the logger's

@@ -10,7 +10,8 @@
   relays logged in as that user claim, admit, route both ways, renew and hand back, and Redis
   refuses none of their commands;
 - every test docs/threat-model.md cites exists, and every threat in its table cites one;
-- the README links the documents and keeps exactly two set-up commands.
+- the README links the documents and keeps exactly two set-up commands;
+- a release tag the docs name exists.
 """
 
 from __future__ import annotations
@@ -268,3 +269,20 @@ def test_changelog_has_an_entry_for_this_version() -> None:
     for heading in headings[1:]:
         assert re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", heading), heading
     assert "Versioning policy" in changelog
+
+
+def test_docs_name_only_release_tags_that_exist() -> None:
+    """A `git checkout vX.Y.Z` or `--branch vX.Y.Z` in the docs must be a tag of this repo."""
+    import subprocess
+
+    tags = set(
+        subprocess.run(
+            ["git", "-C", str(ROOT), "tag", "--list"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+    )
+    for doc in [ROOT / "README.md", *DOCS.glob("*.md")]:
+        for tag in re.findall(r"(?:checkout|--branch)\s+(v\d+\.\d+\.\d+)", doc.read_text()):
+            assert tag in tags, f"{doc.name} names tag {tag}, which does not exist"
