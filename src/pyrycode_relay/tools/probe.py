@@ -312,10 +312,11 @@ class Probe:
     async def _checks(self) -> None:
         binary_headers = {"X-Pyrycode-Server": self.server_id, "X-Pyrycode-Version": __version__}
         async with self._step("binary_connect"):
-            b = await self._dial("server", binary_headers, _WHAT["binary_connect"])
+            b = await self._connect("server", binary_headers, _WHAT["binary_connect"])
         try:
             async with self._step("phone_connect"):
-                p = await self._dial("client", _phone_headers(self.server_id), "phone upgrade")
+                phone_headers = _phone_headers(self.server_id)
+                p = await self._connect("client", phone_headers, _WHAT["phone_connect"])
             try:
                 async with self._step("phone_to_binary"):
                     conn_id = await self._phone_to_binary(b, p)
@@ -357,7 +358,7 @@ class Probe:
             raise ProbeFailed(f"{what}: no answer within {self.step_timeout:g}s") from None
 
     async def _connect(
-        self, endpoint: str, headers: dict[str, str], what: str, max_size: int | None
+        self, endpoint: str, headers: dict[str, str], what: str, max_size: int | None = 1 << 20
     ) -> ClientConnection:
         target = self.target
         dial: dict[str, Any] = {}
@@ -383,9 +384,6 @@ class Probe:
             )
         except (OSError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
             raise _connect_error(what, exc, target) from None
-
-    async def _dial(self, endpoint: str, headers: dict[str, str], what: str) -> ClientConnection:
-        return await self._connect(endpoint, headers, what, 1 << 20)
 
     async def _recv_text(self, ws: ClientConnection, what: str) -> str:
         try:
@@ -619,16 +617,31 @@ async def _run_once(opts: Options) -> int:
     return EXIT_OK if run.ok else EXIT_FAILED
 
 
-async def _run_forever(opts: Options, interval: float, metrics: ProbeMetrics | None) -> int:
+async def _run_forever(opts: Options, interval: float) -> int:
     """Run every `interval` (from one start to the next; a run longer than that is followed
     at once, without catching up) until SIGTERM or SIGINT; a signal cancels a run in
-    progress, which is then not reported."""
+    progress, which is then not reported. The signal handlers are in place before the
+    metrics listener binds, so a supervisor that sees the listener can stop the probe
+    cleanly."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    server = None
     try:
+        metrics = None
+        if opts.metrics_listen is not None:
+            metrics = ProbeMetrics()
+            try:
+                server, _ = _serve_metrics(metrics, opts.metrics_listen)
+            except OSError as exc:
+                reason = exc.strerror or exc.__class__.__name__
+                print(
+                    f"{PROG}: cannot listen on --metrics-listen {opts.metrics_listen}: {reason}",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
         next_start = loop.time()
         while not stop.is_set():
             run = asyncio.create_task(_probe(opts).run())
@@ -653,6 +666,10 @@ async def _run_forever(opts: Options, interval: float, metrics: ProbeMetrics | N
                 async with asyncio.timeout_at(next_start):
                     await stop.wait()
     finally:
+        if server is not None:
+            # shutdown() waits for serve_forever's poll (0.5 s): not on the event loop.
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
         for sig in signals:
             loop.remove_signal_handler(sig)
     return EXIT_OK
@@ -755,24 +772,8 @@ def main(argv: Sequence[str]) -> int:
         return EXIT_USAGE
     if opts.interval is None:
         return asyncio.run(_run_once(opts))
-    metrics = server = None
     if opts.metrics_listen is not None:
         # No `_created` series: a scrape stays the size of what it says, as the relay's does.
         # (prometheus_client's switch is process-wide; this process is only the probe.)
         disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
-        metrics = ProbeMetrics()
-        try:
-            server, _ = _serve_metrics(metrics, opts.metrics_listen)
-        except OSError as exc:
-            reason = exc.strerror or exc.__class__.__name__
-            print(
-                f"{PROG}: cannot listen on --metrics-listen {opts.metrics_listen}: {reason}",
-                file=sys.stderr,
-            )
-            return EXIT_FAILED
-    try:
-        return asyncio.run(_run_forever(opts, opts.interval, metrics))
-    finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+    return asyncio.run(_run_forever(opts, opts.interval))
