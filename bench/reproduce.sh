@@ -51,5 +51,8 @@ for d in 1 8; do
 done
 .venv/bin/pyrycode-relay bench open --cluster --phones 5000 -p 10 --rate 1 --dur 10 --reps 3 \
   --out "$R/cluster-open-5000x1.json" >/dev/null
+# Three instances behind HAProxy (deploy/haproxy.cfg): hash vs round-robin (needs haproxy).
+.venv/bin/pyrycode-relay bench closed --balancer haproxy -b 10 -p 10 -d 8 --reps 3 --warmup 1 \
+  --dur 5 --out "$R/balancer-haproxy-closed-10x10x8.json" >/dev/null
 .venv/bin/pyrycode-relay bench open --cluster --phones 5000 -p 10 --rate 0.25,0.5 --dur 10 \
   --reps 3 --out "$R/cluster-open-5000-low.json" >/dev/null

@@ -35,6 +35,11 @@ apt_install() {
 command -v pebble >/dev/null || apt_install pebble
 # The cluster end-to-end tests run Debian's redis-server (tests/e2e/clusterharness.py).
 command -v redis-server >/dev/null || apt_install redis-server
+# The balancer end-to-end tests run Debian's haproxy and nginx (tests/e2e/test_balancer.py);
+# Debian installs both under /usr/sbin.
+for lb in haproxy nginx; do
+  command -v "$lb" >/dev/null || [ -x "/usr/sbin/$lb" ] || apt_install "$lb"
+done
 # systemd-analyze verifies and rates deploy/pyrycode-relay.service (tests/ops/test_deploy_files.py).
 if ! command -v systemd-analyze >/dev/null && [ "$(id -u)" = 0 ]; then apt_install systemd; fi
 

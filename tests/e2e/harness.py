@@ -18,7 +18,7 @@ import os
 import signal
 import struct
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import websockets
 from websockets.asyncio.client import ClientConnection
@@ -237,8 +237,19 @@ async def run_relay(*flags: str, env: Mapping[str, str] | None = None) -> tuple[
 # -- WebSocket fakes ------------------------------------------------------------------
 
 
+class Dialable(Protocol):
+    """Where the fakes connect: a relay, or a load balancer in front of relays. Every
+    client opened there is kept in `clients`, closed when the block that started it ends."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def clients(self) -> list[ClientConnection]: ...
+
+
 async def binary(
-    relay: Relay, server_id: str, *, version: str = "0.11.0", **kwargs: Any
+    relay: Dialable, server_id: str, *, version: str = "0.11.0", **kwargs: Any
 ) -> ClientConnection:
     """A fake pyry binary on /v1/server."""
     ws = await websockets.connect(
@@ -254,7 +265,7 @@ async def binary(
 
 
 async def phone(
-    relay: Relay, server_id: str, *, device_name: str | None = "Pixel 8", **kwargs: Any
+    relay: Dialable, server_id: str, *, device_name: str | None = "Pixel 8", **kwargs: Any
 ) -> ClientConnection:
     """A fake phone on /v1/client (mobile: bare version as User-Agent)."""
     headers = {"X-Pyrycode-Server": server_id, "X-Pyrycode-Token": TOKEN}

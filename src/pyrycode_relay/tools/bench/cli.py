@@ -2,9 +2,10 @@
 
 Owns: argument parsing, pinning the bench to one CPU while the relays it measures (our
 relay, the Go stand-in, the same-stack echo server, a 2-instance cluster of ours on a
-throwaway redis-server) get another, interleaving repetitions, and writing the one JSON:
-the machine, every run, and the summary (medians per relay, ratios against the Go relay,
-the echo ceiling, and cluster ÷ single instance).
+throwaway redis-server, three instances behind HAProxy hashing or round-robin) get another,
+interleaving repetitions, and writing the one JSON: the machine, every run, and the summary
+(medians per relay, ratios against the Go relay, the echo ceiling, cluster ÷ single instance,
+and hash ÷ round-robin behind a balancer).
 Must never: target anything but a loopback address, leave a relay or redis-server it
 started running, or run unbounded (every phase has a deadline; a run is at most warm-up +
 duration + drain).
@@ -15,6 +16,9 @@ duration + drain).
     pyrycode-relay bench closed --url ws://127.0.0.1:8080 --pid 1234
     pyrycode-relay bench closed --cluster -d 8 --reps 3      # cross-instance vs single
     pyrycode-relay bench closed --url ws://127.0.0.1:8080 --phone-url ws://127.0.0.1:8081
+    pyrycode-relay bench closed --balancer haproxy --reps 3  # hash vs round-robin, 3 instances
+    pyrycode-relay bench closed --url ws://127.0.0.1:8080 --balancer-pid 4321 \
+        --instance-metrics http://127.0.0.1:9091/metrics,http://127.0.0.1:9092/metrics
     pyrycode-relay bench soak --seconds 600 --connections 200    # leak check (soak.py)
     pyrycode-relay bench memory --connections 10000              # RSS growth (memory.py)
 """
@@ -32,12 +36,21 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from pyrycode_relay.tools.bench.cluster import cluster_setup, started_cluster
+from pyrycode_relay.tools.bench.cluster import (
+    balanced_setup,
+    cluster_setup,
+    given_instances,
+    started_balanced,
+    started_cluster,
+)
 from pyrycode_relay.tools.bench.procfs import machine
 from pyrycode_relay.tools.bench.scenarios import run_scenario
 from pyrycode_relay.tools.bench.servers import Running, given, started
 from pyrycode_relay.tools.bench.spawn import SpawnError
-from pyrycode_relay.tools.bench.summary import cluster_line, summarise
+from pyrycode_relay.tools.bench.summary import balancer_line, cluster_line, summarise
+
+# nginx is left out: its CPU is spread over worker processes the /proc reader does not sum.
+BALANCED = ("haproxy-hash", "haproxy-roundrobin")
 
 
 def _run(coro: Any) -> Any:
@@ -50,17 +63,22 @@ def _run(coro: Any) -> Any:
 
 @contextlib.contextmanager
 def servers(kind: str, args: argparse.Namespace) -> Iterator[Running]:
-    """What one run measures: the relays given by --url, the cluster, or one server (self,
-    go, echo) started alone. A server that cannot start ends the bench with its log."""
+    """What one run measures: the relays given by --url, the cluster, three instances
+    behind a balancer, or one server (self, go, echo) started alone. A server that cannot
+    start ends the bench with its log."""
     chosen: contextlib.AbstractContextManager[Running]
     if kind == "url":
         chosen = given(args)
     elif kind == "cluster":
         chosen = started_cluster(args)
+    elif kind in BALANCED:
+        chosen = started_balanced(args, kind)
     else:
         chosen = started(kind, args)
     try:
         with chosen as running:
+            if kind == "url" and args.instance_metrics:
+                running.loaded, running.after = given_instances(args.instance_metrics)
             yield running
     except SpawnError as exc:
         raise SystemExit(f"bench: {exc}") from None
@@ -79,8 +97,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument(
         "--relay",
-        default="self",
-        help="comma list of relays to start: self, go, echo, cluster (default self)",
+        help="comma list of relays to start: self, go, echo, cluster (default self, or "
+        "none with --balancer)",
     )
     ap.add_argument(
         "--cluster",
@@ -102,6 +120,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="with --url: connect the phones here instead (another instance of a cluster)",
     )
     ap.add_argument("--phone-pid", type=int, help="with --phone-url: that instance's pid")
+    ap.add_argument(
+        "--balancer",
+        choices=("haproxy",),
+        help="run three instances on a fresh redis-server behind this load balancer, started "
+        "from its deploy/ file (a source checkout): hashing X-Pyrycode-Server as documented, "
+        "then with round-robin instead, in the same run; reports the share of frames that "
+        "crossed the bus and the balancer's CPU; needs redis-server and the balancer on PATH",
+    )
+    ap.add_argument(
+        "--instance-metrics",
+        type=lambda v: [u.strip() for u in v.split(",") if u.strip()],
+        default=[],
+        metavar="URL,...",
+        help="with --url: every instance's /metrics (http://127.0.0.1:PORT/metrics), scraped "
+        "before and after the load, for the share of frames that crossed the bus",
+    )
+    ap.add_argument(
+        "--balancer-pid", type=int, help="with --url: the balancer's pid, for its CPU share"
+    )
     ap.add_argument(
         "--go-relay",
         default=os.environ.get("PYRYCODE_BENCH_GO_RELAY", ""),
@@ -143,10 +180,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
         ap.error("bounded runs only: --dur/--hold ≤ 600 s, --reps ≤ 20")
     if args.connections > 30000 or args.b * args.p > 20000 or args.phones > 20000:
         ap.error("at most 30,000 connections")
-    relays = [r.strip() for r in args.relay.split(",") if r.strip()]
+    default = "" if args.balancer else "self"
+    relays = [r.strip() for r in (args.relay or default).split(",") if r.strip()]
     if args.cluster:
         relays += [r for r in ("self", "cluster") if r not in relays]
+    if args.balancer:
+        relays += [f"{args.balancer}-{m}" for m in ("hash", "roundrobin")]
     args.relays = ["url"] if args.url else relays
+    if args.balancer and (args.url or args.scenario == "idle"):
+        ap.error("--balancer starts its own setup, for closed and open only")
+    if (args.instance_metrics or args.balancer_pid is not None) and not args.url:
+        ap.error("--instance-metrics and --balancer-pid need --url")
     if "cluster" in args.relays and args.scenario == "idle":
         ap.error("the cluster run is for closed and open only")
     if args.url and args.cluster:
@@ -219,6 +263,10 @@ def main(argv: list[str]) -> int:
         if args.relay_cpu is not None:
             pinning["cluster"] = "bench-a, bench-b and redis-server all on relay_cpu"
         doc["cluster_setup"] = cluster_setup(args)
+    if args.balancer:
+        if args.relay_cpu is not None:
+            pinning["balanced"] = "the 3 instances, redis-server and the balancer on relay_cpu"
+        doc["balancer_setup"] = balanced_setup(args)
     text = json.dumps(doc, indent=1)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
@@ -226,4 +274,6 @@ def main(argv: list[str]) -> int:
     print(text)
     for row in summary.get("cluster", []):
         print(cluster_line(row), file=sys.stderr)
+    for row in summary.get("balancer", []):
+        print(balancer_line(row), file=sys.stderr)
     return 0 if doc["all_ok"] else 1

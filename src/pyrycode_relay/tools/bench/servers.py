@@ -4,7 +4,7 @@ Owns: the command lines of the servers the bench starts alone on a free loopback
 relay's flags, the Go stand-in, the same-stack echo server), starting one of them for a run
 (through spawn.py, pinned to --relay-cpu, ready once it listens), taking relays someone else
 started (--url, --phone-url) and their pids, and `Running`: where the load connects and which
-processes to sample. The 2-instance cluster is cluster.py's.
+processes to sample. The clusters (and the balancer in front of one) are cluster.py's.
 Must never: accept a non-loopback address, or leave a server it started running after the run.
 """
 
@@ -116,7 +116,8 @@ def _loopback(url: str, flag: str) -> tuple[str, int]:
 
 @contextlib.contextmanager
 def given(args: argparse.Namespace) -> Iterator[Running]:
-    """Relays someone else started: --url (binaries, and phones unless --phone-url)."""
+    """Relays someone else started: --url (binaries, and phones unless --phone-url), and
+    the balancer in front of them (--balancer-pid)."""
     host, port = _loopback(args.url, "--url")
     target = load.Target(host, port)
     procs: dict[str, int] = {}
@@ -130,4 +131,6 @@ def given(args: argparse.Namespace) -> Iterator[Running]:
             procs["b"] = args.phone_pid
     elif args.pid is not None:
         procs["relay"] = args.pid
+    if args.balancer_pid is not None:
+        procs["balancer"] = args.balancer_pid  # a balancer in front of the instances
     yield Running(target, procs)

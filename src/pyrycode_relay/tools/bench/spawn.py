@@ -5,7 +5,8 @@ Owns: our relay's command line (this interpreter, `-m pyrycode_relay`, then the 
 environment it starts in; starting a child in its own session, pinned to a CPU when asked, its
 stdout and stderr in a log file (the caller's, or a temporary one); waiting until it is ready,
 failing at once with the tail of its log when it exits first; and stopping it (SIGTERM, then
-SIGKILL after a grace period) when its block ends, however the block ends. The bench uses the
+SIGKILL after a grace period, both to its whole process group, so a child's own workers, such
+as nginx's, go with it) when its block ends, however the block ends. The bench uses the
 synchronous forms (its servers outlive each run's event loop), the soak and the memory tool the
 asynchronous ones.
 Must never: leave a child running after its block ends, wait without a deadline, or block an
@@ -115,7 +116,7 @@ class Child:
         """SIGTERM, and SIGKILL if it has not exited after `grace` s (or on an interrupt)."""
         try:
             if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
+                self._signal_group(signal.SIGTERM)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(grace)
         finally:
@@ -125,16 +126,22 @@ class Child:
         """`stop` for a caller on an event loop."""
         try:
             if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
+                self._signal_group(signal.SIGTERM)
                 end = time.monotonic() + grace
                 while self.proc.poll() is None and time.monotonic() < end:
                     await asyncio.sleep(POLL)
         finally:
             self._kill()
 
+    def _signal_group(self, sig: int) -> None:
+        """`sig` to the child's process group (it leads its own session), while the child
+        is not yet reaped, so the group id cannot name anyone else."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
     def _kill(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            self._signal_group(signal.SIGKILL)
             self.proc.wait()
 
 

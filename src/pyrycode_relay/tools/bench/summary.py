@@ -2,7 +2,8 @@
 
 Owns: grouping runs by relay (and rate), the median of each figure a scenario reports, the
 ratios self ÷ go and self ÷ echo, the cluster's cross-instance figures next to the single
-instance's (and cross ÷ single), and the human line per cluster comparison.
+instance's (and cross ÷ single), the figures behind a balancer hashing next to round-robin
+(and hash ÷ round-robin), and the human line per comparison.
 Must never: measure anything or drop a run: a failed run counts in its group's `ok`.
 """
 
@@ -27,6 +28,7 @@ SUMMARY_KEYS = {
         "relay_cpu_us_per_rt",
         "client_cpu_pct",
         "other_cpu_pct",
+        "bus_fraction",
     ),
     "open": (
         "rps",
@@ -40,6 +42,7 @@ SUMMARY_KEYS = {
         "relay_cpu_pct",
         "relay_cpu_us_per_rt",
         "client_cpu_pct",
+        "bus_fraction",
     ),
     "idle": (
         "kib_per_conn",
@@ -95,6 +98,8 @@ def summarise(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"relays": groups, "ratios": ratios}
     if any(key.partition("@")[0] == "cluster" for key in groups):
         out["cluster"] = cluster_comparison(groups)
+    if any(key.partition("@")[0].endswith("-hash") for key in groups):
+        out["balancer"] = balancer_comparison(groups)
     return out
 
 
@@ -149,4 +154,55 @@ def cluster_line(row: dict[str, Any]) -> str:
             f"p99 {one['p99_ms']} ms; ratio cross/single frames/s {r['frames_per_s']} "
             f"p50 {r['p50_ms']} p99 {r['p99_ms']}"
         )
+    return text
+
+
+def balancer_comparison(groups: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Behind one balancer: hashing X-Pyrycode-Server next to round-robin in the same run,
+    with the share of frames that crossed the bus, the balancer's own CPU, and the ratios
+    hash ÷ round-robin (medians over repetitions)."""
+    rows: list[dict[str, Any]] = []
+    for key, g in groups.items():
+        relay, _, rate = key.partition("@")
+        if not relay.endswith("-hash"):
+            continue
+        name = relay.removesuffix("-hash")
+        base = groups.get(f"{name}-roundrobin" + (f"@{rate}" if rate else ""))
+        row: dict[str, Any] = {"balancer": name}
+        if rate:
+            row["rate_per_phone"] = float(rate)
+        for label, group in (("hash", g), ("roundrobin", base)):
+            if group is None:
+                row[label] = None
+                continue
+            row[label] = {
+                **_figures(group),
+                "bus_fraction": group["bus_fraction"],
+                "balancer_cpu_pct": group.get("relay_cpu_pct_balancer"),
+            }
+        if base is not None:
+            hashed, rr = row["hash"], row["roundrobin"]
+            row["ratio_hash_over_roundrobin"] = {
+                k: _ratio(hashed[k], rr[k])
+                for k in ("frames_per_s", "p50_ms", "p99_ms", "relay_cpu_us_per_rt")
+            }
+        rows.append(row)
+    return rows
+
+
+def balancer_line(row: dict[str, Any]) -> str:
+    """One human line per balancer comparison (stderr)."""
+    rate = f" @{row['rate_per_phone']:g}/s per phone" if "rate_per_phone" in row else ""
+    parts = []
+    for label in ("hash", "roundrobin"):
+        f = row[label]
+        if f is not None:
+            parts.append(
+                f"{label} {f['frames_per_s']} frames/s p99 {f['p99_ms']} ms "
+                f"bus {f['bus_fraction']} {row['balancer']} cpu {f['balancer_cpu_pct']} %"
+            )
+    text = f"{row['balancer']}{rate}: " + "; ".join(parts)
+    if "ratio_hash_over_roundrobin" in row:
+        r = row["ratio_hash_over_roundrobin"]
+        text += f"; hash/roundrobin frames/s {r['frames_per_s']} p99 {r['p99_ms']}"
     return text
