@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from pyrycode_relay.ops.log import Logger
+from pyrycode_relay.ops.log import Logger, millis
 from pyrycode_relay.tls.certs import CertificateError, CertSwitch, LoadedCert, load_pair
 
 T = TypeVar("T")
@@ -233,7 +233,7 @@ class AutoCert:
                     "acme certificate request failed",
                     domain=domain,
                     err=_one_line(exc),
-                    duration=retry,
+                    retry_ms=millis(retry),
                 )
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, RETRY_MAX)
