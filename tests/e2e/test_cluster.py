@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import re
 import signal
@@ -916,6 +917,12 @@ def insecure() -> str:
     return f"--insecure-listen=127.0.0.1:{free_port()}"
 
 
+def logged_at(line: str) -> float:
+    """A text log line's `time=` as a POSIX timestamp (millisecond resolution)."""
+    stamp = line.split("time=", 1)[1].split(" ", 1)[0]
+    return dt.datetime.fromisoformat(stamp).timestamp()
+
+
 def refusal_line(out: str, needle: str) -> str:
     lines = [line for line in out.splitlines() if needle in line]
     assert len(lines) == 1, out
@@ -963,8 +970,15 @@ async def test_duplicate_live_instance_id_refused_until_orderly_exit() -> None:
                 timeout=5,
             )
             assert code == 2, out
-            refusal_line(out, "refusing to start: instance id already live in the cluster")
+            refused = refusal_line(
+                out, "refusing to start: instance id already live in the cluster"
+            )
             assert "msg=starting" not in out
+            # The wait is announced as soon as the id is seen held, well before the refusal.
+            held = refusal_line(out, "msg=cluster_instance_id_held")
+            assert " level=WARN " in held and " instance_id=i1 wait_ms=1500 " in held, held
+            assert "waiting up to 1.5s for its key to expire, then refusing to start" in held
+            assert logged_at(refused) - logged_at(held) >= 1.0, out
             # the refused process did not disturb the live one
             assert await redis.instance_live("i1")
             b = await claim(c, r1)

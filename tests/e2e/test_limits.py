@@ -27,6 +27,9 @@ from tests.e2e.harness import (
 
 SMALL_CAP = 65536
 DEFAULT_CAP = 262144
+# The reference's library names the read size, one byte past the cap (reference §6.1).
+SMALL_CAP_REASON = "read limited at 65537 bytes"
+DEFAULT_CAP_REASON = "read limited at 262145 bytes"
 
 
 def json_string(n: int, fill: str = "x") -> str:
@@ -91,7 +94,7 @@ async def test_phone_message_over_cap_closes_phone_1009() -> None:  # F46
     async with start_relay(f"--max-message-bytes={SMALL_CAP}") as relay:
         b, p, cid = await paired(relay, "s1")
         await p.send(json_string(SMALL_CAP + 1))
-        assert (await closed_with(p))[0] == 1009
+        assert await closed_with(p) == (1009, SMALL_CAP_REASON)
         # README §3 decision 1: the notice carries the code the relay sent the phone
         assert await recv_json(b) == {"conn_id": cid, "close_code": 1009}
         await relay.wait_counts(1, 0)
@@ -107,7 +110,7 @@ async def test_binary_message_over_cap_closes_binary_1009_and_starts_grace() -> 
         b, p, cid = await paired(relay, "s1")
         env, _ = envelope_of(cid, SMALL_CAP + 1)
         await b.send(env)
-        assert (await closed_with(b))[0] == 1009
+        assert await closed_with(b) == (1009, SMALL_CAP_REASON)
         await relay.wait_log("msg=server_released server_id=s1")
         await relay.wait_counts(0, 1)  # in grace: binary not counted, phone still there
         await assert_silent(p, 0.1)  # the over-size envelope was not delivered
@@ -131,8 +134,8 @@ async def test_fragmented_message_cap_counts_the_whole_message() -> None:  # F46
         body = json_string(SMALL_CAP + 1).encode()
         raw.send_frame(0x1, body[:half], fin=False)
         raw.send_frame(0x0, body[half:])
-        code, _, data = await raw_read_close(raw)
-        assert (code, data) == (1009, [])
+        code, reason, data = await raw_read_close(raw)
+        assert (code, reason, data) == (1009, SMALL_CAP_REASON, [])
         reply_close(raw, code)
         notice = await recv_json(b)
         assert notice == {"conn_id": wrapped["conn_id"], "close_code": 1009}
@@ -149,14 +152,14 @@ async def test_default_cap_is_262144() -> None:  # F46 (default --max-message-by
         await b.send(env)
         assert await recv(p) == frame
         await p.send(json_string(DEFAULT_CAP + 1))
-        assert (await closed_with(p))[0] == 1009
+        assert await closed_with(p) == (1009, DEFAULT_CAP_REASON)
         assert await recv_json(b) == {"conn_id": cid, "close_code": 1009}
         b2 = await binary(relay, "s2")
         p2 = await phone(relay, "s2")
         await p2.send("{}")
         cid2 = (await recv_json(b2))["conn_id"]
         await b2.send(envelope_of(cid2, DEFAULT_CAP + 1)[0])
-        assert (await closed_with(b2))[0] == 1009
+        assert await closed_with(b2) == (1009, DEFAULT_CAP_REASON)
         await relay.wait_log("msg=server_released server_id=s2")
 
 

@@ -285,7 +285,7 @@ async def test_outcome_counters_and_log_lines() -> None:  # G59
         sent = await relay.wait_log(SENT)
         assert "level=INFO" in sent and f"token_fp={fp(ok)}" in sent
         assert "fcm_message_id=projects/pyrycode-mobile/messages/0:1700000000%abc_DEF-12" in sent
-        assert "duration=" in sent
+        assert "duration_ms=" in sent
         failed = {
             fp(t): line
             for t in (unreg, bad, redir)

@@ -158,6 +158,67 @@ async def test_obtains_a_certificate_and_serves_websockets_host_gate_and_port_80
             assert await relay.stop() == 0
 
 
+def acme_lines(relay_lines: list[str]) -> list[str]:
+    """The ACME progress lines, as `msg … key=value` (time and level dropped)."""
+    return [x.split(" msg=", 1)[1] for x in relay_lines if ' msg="acme ' in x]
+
+
+async def test_progress_is_logged_step_by_step(tmp_path: Path) -> None:
+    http_port = free_port()
+    async with pebble(tmp_path, http_port) as p:
+        flags = acme_flags(p, tmp_path / "certs", http_port)
+        async with start_tls_relay(*flags, ready="acme certificate obtained") as relay:
+            assert await relay.stop() == 0
+    lines = acme_lines(relay.lines)
+    d = f"domain={DOMAIN}"
+    assert lines[0] == f'"acme order created" {d}'
+    assert lines[1] == f'"acme challenge served, waiting for validation" {d} challenge=http-01'
+    # pebble's validation authority fetches the token once; the line names where from
+    fetched = [x for x in lines if x.startswith('"acme challenge fetched"')]
+    assert fetched and all(
+        x == f'"acme challenge fetched" {d} challenge=http-01 remote=127.0.0.1' for x in fetched
+    )
+    rest = [x for x in lines[2:] if x not in fetched]
+    assert rest[:2] == [
+        f'"acme challenge validated" {d} challenge=http-01',
+        f'"acme order finalizing" {d}',
+    ]
+    assert rest[2].startswith(f'"acme certificate obtained" {d} serial=')
+    assert len(rest) == 3, lines
+    assert all(" level=INFO " in x for x in relay.lines if ' msg="acme ' in x)
+
+
+async def test_a_failed_challenge_is_logged_whole(tmp_path: Path) -> None:
+    # pebble validates against a port where nothing listens: the challenge fails, and the
+    # reason (on the second line of acme's error) reaches the log.
+    http_port = free_port()
+    async with pebble(tmp_path, free_port()) as p:
+        flags = acme_flags(p, tmp_path / "certs", http_port)
+        async with start_tls_relay(*flags) as relay:
+            line = await relay.wait_log("acme certificate request failed", timeout=30)
+    err = line.split(' err="', 1)[1].rsplit('" retry_ms=', 1)[0]
+    assert err.startswith(f"ValidationError: Authorization for {DOMAIN} failed"), err
+    assert "Challenge http-01 failed with error urn:ietf:params:acme:error:connection" in err, err
+    assert "…" not in err and "\\n" not in err
+    assert line.endswith(" retry_ms=1000")
+
+
+async def test_an_unreachable_directory_is_logged_whole(tmp_path: Path) -> None:
+    flags = [
+        f"--domain={DOMAIN}",
+        f"--http-listen=127.0.0.1:{free_port()}",
+        f"--cert-cache={tmp_path / 'certs'}",
+        f"--acme-directory=https://127.0.0.1:{free_port()}/dir",
+    ]
+    async with start_tls_relay(*flags) as relay:
+        line = await relay.wait_log("acme certificate request failed", timeout=10)
+    err = line.split(' err="', 1)[1].rsplit('" retry_ms=', 1)[0]
+    # requests' whole text: it used to be cut after 200 characters, mid-word
+    assert err.startswith("ConnectionError: HTTPSConnectionPool(host='127.0.0.1'"), err
+    assert err.endswith("Connection refused'))") or err.endswith('Connection refused\\"))'), err
+    assert "…" not in err
+
+
 async def test_renewal_swaps_the_certificate_on_a_live_listener(tmp_path: Path) -> None:
     http_port = free_port()
     async with pebble(tmp_path, http_port) as p:

@@ -26,10 +26,13 @@ async def test_reload_on_sighup_serves_the_new_serial_while_an_old_websocket_sta
     tmp_path: Path,
 ) -> None:
     ca = make_ca()
-    cert, key, first = write_leaf(ca, tmp_path, "relay", [DOMAIN])
+    # A serial whose first hex digit is 0: logged whole, as `openssl x509 -serial` prints it.
+    first = 0x0A1B2C3D4E5F60718293A4B5C6D7E8F9010203
+    cert, key, _ = write_leaf(ca, tmp_path, "relay", [DOMAIN], serial=first)
     ctx = client_context(ca.pem)
     async with start_tls_relay(f"--tls-cert={cert}", f"--tls-key={key}") as relay:
-        assert f"serial={first:x}" in await relay.wait_log("tls certificate loaded")
+        line = await relay.wait_log("tls certificate loaded")
+        assert line.endswith(" serial=0A1B2C3D4E5F60718293A4B5C6D7E8F9010203"), line
         b = await tls_binary(relay.port, ctx, "s1")
         p = await tls_phone(relay.port, ctx, "s1")
         assert serial_of(b) == serial_of(p) == first
@@ -40,7 +43,7 @@ async def test_reload_on_sighup_serves_the_new_serial_while_an_old_websocket_sta
         _, _, second = write_leaf(ca, tmp_path, "relay", [DOMAIN])
         assert second != first
         relay.proc.send_signal(signal.SIGHUP)
-        assert f"serial={second:x}" in await relay.wait_log("tls certificate reloaded")
+        assert f"serial={second:X}" in await relay.wait_log("tls certificate reloaded")
 
         fresh = await tls_phone(relay.port, ctx, "s1")
         assert serial_of(fresh) == second
@@ -73,6 +76,9 @@ async def test_a_bad_file_at_reload_keeps_the_old_certificate(tmp_path: Path) ->
         async with asyncio.timeout(5):
             while relay.count_log("tls certificate reload failed") < 2:
                 await asyncio.sleep(0.02)
+        failed = [x for x in relay.lines if "tls certificate reload failed" in x]
+        assert f'err="certificate file {cert}: a PEM certificate in it is malformed"' in failed[0]
+        assert 'err="certificate and key do not match"' in failed[1]
         status, _, serial = await tls_request(relay.port, ctx, "/healthz")
         assert (status, serial) == (200, first)
 
@@ -83,13 +89,17 @@ async def test_a_bad_file_at_start_up_exits_2_with_one_line(tmp_path: Path, brok
     cert, key, _ = write_leaf(ca, tmp_path, "relay", [DOMAIN])
     if broken == "cert":
         cert.write_text("garbage\n")
+        words = f"certificate file {cert} holds no PEM certificate"
     elif broken == "key":
         key.write_text("garbage\n")
+        words = f"key file {key} holds no PEM private key"
     elif broken == "missing":
         cert.unlink()
+        words = f"certificate file {cert}: No such file or directory"
     else:
         _, other_key, _ = write_leaf(ca, tmp_path, "other", [DOMAIN])
         key = other_key
+        words = "certificate and key do not match"
     code, out = await run_relay(
         "--https-listen=127.0.0.1:1", f"--tls-cert={cert}", f"--tls-key={key}"
     )
@@ -97,7 +107,8 @@ async def test_a_bad_file_at_start_up_exits_2_with_one_line(tmp_path: Path, brok
     lines = out.strip().splitlines()
     assert len(lines) == 1, out
     assert "refusing to start: invalid TLS certificate" in lines[0]
-    assert "BEGIN" not in out
+    assert f'reason="{words}' in lines[0], lines[0]
+    assert "BEGIN" not in out and "NO_CERTIFICATE_ASSIGNED" not in out
 
 
 async def test_domain_enables_host_and_sni_gates(tmp_path: Path) -> None:

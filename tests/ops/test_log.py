@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from pyrycode_relay.core.duration import format_duration
-from pyrycode_relay.ops.log import ALLOWED_KEYS, Logger, go_quote
+from pyrycode_relay.ops.log import ALLOWED_KEYS, Logger, go_quote, millis
 
 T0 = datetime(2026, 11, 22, 16, 7, 30, 123456, tzinfo=UTC)
 
@@ -97,24 +97,40 @@ def test_value_conversions_text() -> None:
         to=None,
         err=ValueError("relay: phone outbox closed"),
         reason=TimeoutError(),
-        duration=1.5,
+        duration_ms=1.5,
         addr=["a", "b"],
     )
     assert one_line(buf).endswith(
         ' close_code=1011 value=true mode=false version=0.5 to=""'
-        " err=\"relay: phone outbox closed\" reason=TimeoutError duration=1.5s addr=\"['a', 'b']\""
+        " err=\"relay: phone outbox closed\" reason=TimeoutError duration_ms=2 addr=\"['a', 'b']\""
     )
 
 
-def test_duration_key_and_timedelta() -> None:
-    log, buf = make()
-    log.info("x", duration=0.25)
-    log.info("x", duration=timedelta(minutes=1, seconds=30))
-    log.info("x", value=timedelta(microseconds=1.5))
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_ms_keys_are_integer_milliseconds(fmt: str) -> None:
+    log, buf = make(fmt=fmt)
+    log.info("x", duration_ms=millis(0.25))
+    log.info("x", retry_ms=timedelta(minutes=1, seconds=30))
+    log.info("x", wait_ms=12.4996)  # a float is already milliseconds: rounded
+    log.info("x", duration_ms=millis(0.0004))
     lines = buf.getvalue().splitlines()
-    assert lines[0].endswith(" duration=250ms")
-    assert lines[1].endswith(" duration=1m30s")
-    assert lines[2].endswith(" value=2µs")  # timedelta has microsecond resolution
+    if fmt == "json":
+        got = [json.loads(line) for line in lines]
+        assert [got[0]["duration_ms"], got[1]["retry_ms"], got[2]["wait_ms"]] == [250, 90000, 12]
+        assert got[3]["duration_ms"] == 0
+        assert all(isinstance(g[k], int) for g in got for k in g if k.endswith("_ms"))
+    else:
+        assert lines[0].endswith(" duration_ms=250")
+        assert lines[1].endswith(" retry_ms=90000")
+        assert lines[2].endswith(" wait_ms=12")
+        assert lines[3].endswith(" duration_ms=0")
+
+
+def test_the_reference_duration_key_is_gone() -> None:
+    # Its Go JSON form was unlabelled nanoseconds; a `*_ms` key says its unit.
+    assert "duration" not in ALLOWED_KEYS
+    with pytest.raises(ValueError, match="duration"):
+        make()[0].info("x", duration=1.5)
 
 
 @pytest.mark.parametrize(
@@ -168,17 +184,17 @@ def test_json_line() -> None:
         close_code=4429,
         value=True,
         to=None,
-        duration=1.5,
+        duration_ms=1500,
         from_="x",
     )
     line = one_line(buf)
     assert line == (
         '{"time":"2026-11-22T16:07:30.123456Z","level":"WARN","msg":"conn_cap_reached",'
         '"path":"/v1/client","remote":"10.0.0.1","close_code":4429,"value":true,"to":null,'
-        '"duration":1500000000,"from":"x"}'
+        '"duration_ms":1500,"from":"x"}'
     )
     assert list(json.loads(line)) == [
-        "time", "level", "msg", "path", "remote", "close_code", "value", "to", "duration", "from"
+        "time", "level", "msg", "path", "remote", "close_code", "value", "to", "duration_ms", "from"
     ]  # fmt: skip
 
 
@@ -248,5 +264,5 @@ def test_broken_stream_is_ignored() -> None:
 
 
 def test_allowlist_contents() -> None:
-    assert {"from", "remote", "server_id", "scope", "signal", "duration"} <= ALLOWED_KEYS
+    assert {"from", "remote", "server_id", "scope", "signal", "duration_ms"} <= ALLOWED_KEYS
     assert "token" not in ALLOWED_KEYS and "msg" not in ALLOWED_KEYS

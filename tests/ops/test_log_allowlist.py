@@ -64,7 +64,7 @@ def test_checker_accepts_good_calls() -> None:
     good = """
 log.info("server_claimed", server_id=sid, remote=ip)
 self._log.warn("rate_limited", remote=go_quote(ip))
-ctx.logger.debug("phone_forwarder_read_end", from_=a, to=b, duration=1.5)
+ctx.logger.debug("phone_forwarder_read_end", from_=a, to=b, duration_ms=1500)
 http.error(w, "", 503)          # not a logger receiver: ignored
 logging.getLogger().info(x)     # receiver is a call: ignored
 """

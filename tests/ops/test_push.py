@@ -81,7 +81,7 @@ async def test_wake_returns_at_once_and_sends_in_background() -> None:
     }
     (line,) = lines(buf)
     assert "level=INFO msg=push_wake_sent server_id=s1" in line
-    assert f"token_fp={FP_T} duration=250ms fcm_message_id=m/1" in line
+    assert f"token_fp={FP_T} duration_ms=250 fcm_message_id=m/1" in line
     await w.close()
 
 
@@ -115,7 +115,7 @@ async def test_each_outcome_one_line_one_count() -> None:
     assert sum("msg=push_wake_sent" in x and "fcm_message_id" not in x for x in out) == 1
     failed = [x for x in out if "level=WARN msg=push_wake_send_failed" in x]
     assert len(failed) == 3
-    assert all("err=" in x and "duration=" in x for x in failed)
+    assert all("err=" in x and "duration_ms=" in x for x in failed)
     await w.close()
 
 

@@ -29,7 +29,9 @@ from pyrycode_relay.cluster.context import REASON_UNAVAILABLE, UNAVAILABLE, Clus
 from pyrycode_relay.cluster.liveness import Liveness
 from pyrycode_relay.cluster.pairs import Pairs
 from pyrycode_relay.cluster.store import InstanceIdTaken, OwnershipStore
+from pyrycode_relay.core.duration import format_duration
 from pyrycode_relay.ops.boot import MSG_INSTANCE_LIVE
+from pyrycode_relay.ops.log import millis
 from pyrycode_relay.ops.metrics import ClusterFigures
 from pyrycode_relay.ops.refusal import Refusal
 
@@ -164,12 +166,28 @@ class ClusterPlacement:
 
     async def _register_instance(self) -> bool:
         """Our instance key, NX. A key left by a previous process with our id (killed, not
-        drained) lapses within one lease; a live duplicate keeps renewing it."""
+        drained) lapses within one lease; a live duplicate keeps renewing it. The wait is
+        announced at once, so an operator does not watch a silent start-up for 1.5 leases
+        before the refusal."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.lease * 1.5
+        wait = self.lease * 1.5
+        deadline = loop.time() + wait
+        announced = False
         while not await self.store.register_instance(self.bus.incarnation):
             if loop.time() >= deadline:
                 return False
+            if not announced:
+                announced = True
+                self.relay.log.warn(
+                    "cluster_instance_id_held",
+                    instance_id=self.me,
+                    wait_ms=millis(wait),
+                    reason=(
+                        "another live instance holds this --instance-id (or a process with it"
+                        " stopped without draining); waiting up to"
+                        f" {format_duration(wait)} for its key to expire, then refusing to start"
+                    ),
+                )
             await asyncio.sleep(self.lease / 10)
         return True
 

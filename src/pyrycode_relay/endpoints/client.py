@@ -105,18 +105,33 @@ class PhoneSession(HeldByConnection):
             relay.stats.upgrade("client", "reject_404")
             relay.stats.register_failures["no_server"] += 1
             relay.log.info("phone_register_no_server", server_id=self.server_id, remote=self.remote)
+            self._refused_debug("no_server", 4404)
             self.conn.close(4404, "no server with that id")
             return
         if outcome is Register.AT_CAP:
             relay.stats.upgrade("client", "reject_429")
             relay.stats.register_failures["phones_at_cap"] += 1
             relay.log.warn("phone_register_at_cap", server_id=self.server_id, remote=self.remote)
+            self._refused_debug("phones_at_cap", 4429)
             self.conn.close(4429, "too many phones for server-id")
 
     def unavailable(self, code: int, reason: str) -> None:
         """Admission the cluster cannot decide now: close `code` (1013), try again."""
         self.relay.log.warn("phone_register_unavailable", server_id=self.server_id, close_code=code)
+        self._refused_debug("cluster_unavailable", code)
         self.conn.close(code, reason)
+
+    def _refused_debug(self, reason: str, code: int) -> None:
+        log = self.relay.log
+        if log.enabled("debug"):
+            log.debug(
+                "admission_refused",
+                path="/v1/client",
+                reason=reason,
+                server_id=self.server_id,
+                close_code=code,
+                remote=self.remote,
+            )
 
     def _registered_ok(self) -> None:
         relay = self.relay

@@ -6,7 +6,11 @@ fixed order of checks before a WebSocket exists (reference §1.2): rate limit �
 cap → per-IP cap → header gate → handshake; then the session decides the registry
 outcome as a close code after the 101. Also the loopback listener's `/metrics` and
 `/readyz` routes.
-Must never: log a header value. The header gate and handshake failures are not logged.
+Every refusal also gets one `admission_refused` line at DEBUG (`reason` says which check),
+built only after the level check, so INFO pays one comparison; the header gate and handshake
+failures are logged at DEBUG only (the reference logs them never: a header flood must not
+fill the logs at the default level).
+Must never: log a header value (a missing header is named, never quoted).
 """
 
 from __future__ import annotations
@@ -76,21 +80,38 @@ class MainRouter:
             stats.upgrade(endpoint, "reject_rate_limit")
             stats.register_failures["ratelimit"] += 1
             log.warn("rate_limited", remote=go_quote(ip))
+            if log.enabled("debug"):
+                log.debug("admission_refused", path=path, reason="rate_limit", remote=ip)
             conn.respond(error_response(429))
             return
         refused = relay.caps.try_acquire(ip)
         if refused is not None:
             stats.cap_rejections[refused] += 1
             log.warn("conn_cap_reached", path=path, remote=conn.peer_host, scope=refused)
+            if log.enabled("debug"):
+                log.debug(
+                    "admission_refused", path=path, reason="conn_cap", scope=refused, remote=ip
+                )
             conn.respond(error_response(503))
             return
         conn.on_release = partial(relay.caps.release, ip)
-        if not all(head.header(name) for name in _REQUIRED[endpoint]):
+        missing = next((name for name in _REQUIRED[endpoint] if not head.header(name)), None)
+        if missing is not None:
             stats.upgrade(endpoint, "reject_headers")
+            if log.enabled("debug"):
+                log.debug(
+                    "admission_refused",
+                    path=path,
+                    reason="missing_header",
+                    header_name=missing,
+                    remote=ip,
+                )
             conn.respond(error_response(400))
             return
         handshake = websocket_handshake(head)
         if handshake is None:
+            if log.enabled("debug"):
+                log.debug("admission_refused", path=path, reason="bad_handshake", remote=ip)
             conn.respond(handshake_error(head))
             return
         server_id = head.header("x-pyrycode-server")

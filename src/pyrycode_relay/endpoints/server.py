@@ -116,6 +116,7 @@ class BinarySession(HeldByConnection):
         relay.stats.upgrade("server", "reject_409")
         relay.stats.register_failures["server_in_use"] += 1
         relay.log.info("server_id_conflict", server_id=self.server_id, remote=self.remote)
+        self._refused_debug("server_in_use", 4409)
         self.conn.close(4409, "server-id already claimed")
 
     def _take_over(self, incumbent: Binary) -> None:
@@ -141,7 +142,20 @@ class BinarySession(HeldByConnection):
     def refuse(self, code: int, reason: str) -> None:
         """A claim the cluster cannot decide now (Redis unreachable): 1013, try again."""
         self.relay.log.warn("server_claim_unavailable", server_id=self.server_id, close_code=code)
+        self._refused_debug("cluster_unavailable", code)
         self.conn.close(code, reason)
+
+    def _refused_debug(self, reason: str, code: int) -> None:
+        log = self.relay.log
+        if log.enabled("debug"):
+            log.debug(
+                "admission_refused",
+                path="/v1/server",
+                reason=reason,
+                server_id=self.server_id,
+                close_code=code,
+                remote=self.remote,
+            )
 
     # -- forwarding: binary → phones ----------------------------------------------
 

@@ -15,11 +15,13 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import TextIO
 
-from pyrycode_relay.core.duration import format_duration
-
 # Reference §13 keys, the keys only its main.go uses, and the ones our additions need
 # (`scope` for per-IP caps, `signal` for shutdown lines, `serial`/`not_after` for the
-# certificate being served, `cluster`/`instance_id` for cluster mode's instance names).
+# certificate being served, `cluster`/`instance_id` for cluster mode's instance names,
+# `header_name` for the name — never the value — of a header the gate found missing,
+# `challenge` for an ACME challenge type). Durations are integer milliseconds under keys
+# ending in `_ms` (`duration_ms`, `retry_ms`, `wait_ms`) instead of the reference's
+# `duration`, whose JSON form (Go's integer nanoseconds, unlabelled) misled operators.
 ALLOWED_KEYS: frozenset[str] = frozenset(
     {
         "server_id",
@@ -35,7 +37,9 @@ ALLOWED_KEYS: frozenset[str] = frozenset(
         "close_code",
         "token_fp",
         "fcm_message_id",
-        "duration",
+        "duration_ms",
+        "retry_ms",
+        "wait_ms",
         "version",
         "mode",
         "listen",
@@ -57,6 +61,8 @@ ALLOWED_KEYS: frozenset[str] = frozenset(
         "not_after",
         "instance_id",
         "cluster",
+        "header_name",
+        "challenge",
     }
 )
 
@@ -207,15 +213,28 @@ def _err_text(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+def millis(seconds: float) -> int:
+    """A duration in seconds as the integer milliseconds a `*_ms` key carries."""
+    return round(seconds * 1000)
+
+
+def _as_ms(v: object) -> object:
+    # A `*_ms` key always holds an integer, in text and JSON alike, whatever the caller
+    # passed: a timedelta is converted, a float (already milliseconds) rounded.
+    if isinstance(v, timedelta):
+        return millis(v.total_seconds())
+    if isinstance(v, float) and math.isfinite(v):
+        return round(v)
+    return v
+
+
 def _text_value(key: str, v: object) -> str:
+    if key.endswith("_ms"):
+        v = _as_ms(v)
     if isinstance(v, str):
         return _text_str(v)
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, timedelta):
-        return format_duration(v.total_seconds())
-    if key == "duration" and isinstance(v, int | float):
-        return format_duration(v)
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
@@ -228,15 +247,12 @@ def _text_value(key: str, v: object) -> str:
 
 
 def _json_value(key: str, v: object) -> str:
+    if key.endswith("_ms"):
+        v = _as_ms(v)
     if isinstance(v, str):
         return _json_str(v)
     if isinstance(v, bool):
         return "true" if v else "false"
-    # slog's JSON handler writes a Duration as integer nanoseconds (what json.Marshal does)
-    if isinstance(v, timedelta):
-        return str(round(v.total_seconds() * 1e9))
-    if key == "duration" and isinstance(v, int | float) and math.isfinite(v):
-        return str(round(v * 1e9))
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):

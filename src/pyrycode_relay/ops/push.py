@@ -20,7 +20,7 @@ from typing import Final, Protocol
 
 from pyrycode_relay.core.clock import Clock
 from pyrycode_relay.core.push_admission import PushAdmission
-from pyrycode_relay.ops.log import Logger
+from pyrycode_relay.ops.log import Logger, millis
 
 SWEEP_SECONDS: Final = 300.0  # idle-bucket sweep, like the per-IP limiter (reference §12 step 5)
 
@@ -145,14 +145,14 @@ class PushWaker:
     def _finish(self, server_id: str, fp: str, started: float, result: SendResult) -> None:
         self.admission.release()
         self.outcomes[result.outcome] += 1
-        duration = max(0.0, self._clock() - started)
+        duration_ms = millis(max(0.0, self._clock() - started))
         log = self._log
         if result.outcome != OUTCOME_SENT:
             log.warn(
                 "push_wake_send_failed",
                 server_id=server_id,
                 token_fp=fp,
-                duration=duration,
+                duration_ms=duration_ms,
                 err=result.err,
             )
         elif result.message_id is not None:
@@ -160,11 +160,11 @@ class PushWaker:
                 "push_wake_sent",
                 server_id=server_id,
                 token_fp=fp,
-                duration=duration,
+                duration_ms=duration_ms,
                 fcm_message_id=result.message_id,
             )
         else:
-            log.info("push_wake_sent", server_id=server_id, token_fp=fp, duration=duration)
+            log.info("push_wake_sent", server_id=server_id, token_fp=fp, duration_ms=duration_ms)
 
     async def close(self) -> None:
         """Shutdown: later wakes report push off; in-flight sends are cancelled (each counted

@@ -13,8 +13,13 @@ the files (also off the loop) and swaps the context. A daemon thread, not the de
 executor, because asyncio.run joins executor threads at exit and a slow ACME server
 must not hold up a shutdown. The challenge map is a dict written by that thread and read
 by the loop; single-key assignments and deletions are atomic in CPython.
-Must never: request or serve a name other than --domain, block the event loop, or log
-key material, a key authorization, or an ACME error body beyond its first line.
+Progress is logged at INFO as it happens (order created, challenge served and fetched,
+validated, finalizing, certificate obtained): the worker thread reports through
+`AcmeProgress`, whose lines are written on the loop. A failure is logged whole, on one line
+(an error's lines joined), bounded to ERR_MAX characters at a word boundary and marked `…`.
+Must never: request or serve a name other than --domain, block the event loop, log from
+the worker thread (lines would interleave with the loop's), or log key material or a key
+authorization (replaced in error texts).
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ import contextlib
 import datetime as dt
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final, Protocol, TypeVar
 
-from pyrycode_relay.ops.log import Logger
+from pyrycode_relay.ops.log import Logger, millis
 from pyrycode_relay.tls.certs import CertificateError, CertSwitch, LoadedCert, load_pair
 
 T = TypeVar("T")
@@ -40,6 +45,11 @@ RETRY_MAX: Final = 3600.0
 # A certificate's renewal time is re-read at least this often, so a clock jump or a
 # suspended VM cannot make the relay sleep past it.
 MAX_SLEEP: Final = 3600.0
+# Longest error text logged. requests' connection errors run to ~300 characters and a
+# failed challenge's problem document to a few hundred more; a proxy's HTML error page
+# must not become a megabyte log line.
+ERR_MAX: Final = 1000
+CHALLENGE_TYPE: Final = "http-01"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +104,53 @@ def _account_key(path: str) -> bytes:
     return pem
 
 
-def issue(settings: AcmeSettings, challenges: dict[str, str]) -> None:
+class AcmeProgress(Protocol):
+    """What `issue` reports as it goes; called from the worker thread."""
+
+    def order_created(self) -> None: ...
+    def challenge_served(self) -> None: ...
+    def authorization_valid(self) -> None: ...
+    def challenge_validated(self) -> None: ...
+    def finalizing(self) -> None: ...
+
+
+class AcmeError(Exception):
+    """One certificate request failed; the message is `error_text`'s one line."""
+
+
+def error_text(exc: BaseException, hide: Iterable[str] = ()) -> str:
+    """`Type: message` on one line: the message's lines joined with spaces (a failed
+    challenge's reason is on the second line of acme's ValidationError), every string in
+    `hide` replaced, and cut at a word boundary with `…` beyond ERR_MAX characters."""
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    for secret in hide:
+        message = message.replace(secret, "[key authorization]")
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    if len(text) <= ERR_MAX:
+        return text
+    cut = text[: ERR_MAX - 1]
+    space = cut.rfind(" ")
+    if space > ERR_MAX // 2:  # a word boundary not too far back; else cut mid-token
+        cut = cut[:space]
+    return cut.rstrip() + "…"
+
+
+def issue(settings: AcmeSettings, challenges: dict[str, str], progress: AcmeProgress) -> None:
     """Order a certificate for the domain over http-01 and write it (full chain) and its
-    new key into the cache. Blocking; raises on any failure."""
+    new key into the cache. Blocking; raises AcmeError on any failure."""
+    served: list[str] = []
+    try:
+        _issue(settings, challenges, progress, served)
+    except Exception as exc:
+        raise AcmeError(error_text(exc, hide=served)) from exc
+
+
+def _issue(
+    settings: AcmeSettings,
+    challenges: dict[str, str],
+    progress: AcmeProgress,
+    served: list[str],
+) -> None:
     # Imported here: `acme` pulls in requests and josepy, which insecure mode never needs.
     from acme import challenges as acme_challenges
     from acme import client, crypto_util, errors, messages
@@ -125,24 +179,35 @@ def issue(settings: AcmeSettings, challenges: dict[str, str]) -> None:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     order = ca.new_order(crypto_util.make_csr(cert_key, [settings.domain]))
+    progress.order_created()
     tokens: list[str] = []
     try:
+        pending = False
         for authz in order.authorizations:
             if authz.body.status == messages.STATUS_VALID:
+                progress.authorization_valid()
                 continue  # a still-valid earlier authorization needs no new challenge
             challb = next(
                 (c for c in authz.body.challenges if isinstance(c.chall, acme_challenges.HTTP01)),
                 None,
             )
             if challb is None:
-                raise errors.Error("the ACME server offered no http-01 challenge")
+                raise errors.Error(f"the ACME server offered no {CHALLENGE_TYPE} challenge")
             response, validation = challb.response_and_validation(jwk)
             token = challb.chall.encode("token")
             challenges[token] = validation
+            served.append(validation)
             tokens.append(token)
+            # Reported before the CA is told, so this line precedes its fetches'.
+            progress.challenge_served()
             ca.answer_challenge(challb, response)
+            pending = True
         deadline = dt.datetime.now() + ORDER_DEADLINE
-        order = ca.poll_and_finalize(order, deadline)
+        order = ca.poll_authorizations(order, deadline)
+        if pending:
+            progress.challenge_validated()
+        progress.finalizing()
+        order = ca.finalize_order(order, deadline)
     finally:
         for token in tokens:
             challenges.pop(token, None)
@@ -176,12 +241,6 @@ def _in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
     return future
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0][:200] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
 class AutoCert:
     """Keeps a valid certificate for the domain installed in `switch`."""
 
@@ -190,6 +249,57 @@ class AutoCert:
         self.switch = switch
         self.log = log
         self.challenges: dict[str, str] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- AcmeProgress: called in the worker thread, logged on the loop ------------------
+
+    def _soon(self, line: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody reads
+                loop.call_soon_threadsafe(line)
+
+    def order_created(self) -> None:
+        domain = self.settings.domain
+        self._soon(lambda: self.log.info("acme order created", domain=domain))
+
+    def authorization_valid(self) -> None:
+        domain = self.settings.domain
+        self._soon(
+            lambda: self.log.info("acme authorization still valid, no challenge", domain=domain)
+        )
+
+    def challenge_served(self) -> None:
+        domain = self.settings.domain
+        self._soon(
+            lambda: self.log.info(
+                "acme challenge served, waiting for validation",
+                domain=domain,
+                challenge=CHALLENGE_TYPE,
+            )
+        )
+
+    def challenge_validated(self) -> None:
+        domain = self.settings.domain
+        self._soon(
+            lambda: self.log.info(
+                "acme challenge validated", domain=domain, challenge=CHALLENGE_TYPE
+            )
+        )
+
+    def finalizing(self) -> None:
+        domain = self.settings.domain
+        self._soon(lambda: self.log.info("acme order finalizing", domain=domain))
+
+    def challenge_fetched(self, remote: str) -> None:
+        """The port-80 listener answered a challenge request (on the loop): the CA, or
+        one of its validation vantage points, reached us."""
+        self.log.info(
+            "acme challenge fetched",
+            domain=self.settings.domain,
+            challenge=CHALLENGE_TYPE,
+            remote=remote,
+        )
 
     async def _load(self) -> LoadedCert:
         s = self.settings
@@ -210,6 +320,7 @@ class AutoCert:
         """Forever: install the cached certificate if usable, else order one; then sleep
         until its renewal time and renew. Failures retry with exponential backoff."""
         domain = self.settings.domain
+        self._loop = asyncio.get_running_loop()
         try:
             cached = await _in_daemon_thread(self._load_cached)
         except CertificateError as exc:
@@ -232,8 +343,8 @@ class AutoCert:
                 self.log.error(
                     "acme certificate request failed",
                     domain=domain,
-                    err=_one_line(exc),
-                    duration=retry,
+                    err=str(exc) if isinstance(exc, AcmeError) else error_text(exc),
+                    retry_ms=millis(retry),
                 )
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, RETRY_MAX)
@@ -242,7 +353,7 @@ class AutoCert:
             self._install(fresh, cached=False)
 
     def _issue(self) -> None:
-        issue(self.settings, self.challenges)
+        issue(self.settings, self.challenges, self)
 
     def _install(self, cert: LoadedCert, *, cached: bool) -> None:
         self.switch.install(cert)

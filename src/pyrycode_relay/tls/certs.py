@@ -6,9 +6,11 @@ is refused too, like Go's autocert) and (2) hands the handshake the *current*
 certificate context. Installing a new certificate is one attribute assignment on the
 event loop: handshakes that start afterwards see it, live connections keep theirs.
 Loading a PEM pair (file reads, key parsing) is blocking, so callers run `load_pair` in a
-worker thread and only `install` on the loop.
-Must never: serve a handshake without a certificate (it fails with an alert instead), or
-log — callers log what they loaded.
+worker thread and only `install` on the loop. A pair that cannot be served is refused in
+plain words naming the file at fault (unreadable, empty, no or malformed PEM, swapped
+files, an encrypted key, a key of another certificate) rather than in OpenSSL's codes.
+Must never: serve a handshake without a certificate (it fails with an alert instead), put
+a file's content in an error, or log — callers log what they loaded.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 # We speak HTTP/1.1 only (the WebSocket upgrade); advertising h2 as Go's autocert does
 # would let a client pick a protocol we cannot serve.
@@ -38,7 +44,14 @@ class LoadedCert:
 
     @property
     def serial_hex(self) -> str:
-        return format(self.serial, "x")
+        return serial_hex(self.serial)
+
+
+def serial_hex(serial: int) -> str:
+    """A serial as `openssl x509 -noout -serial` prints it: uppercase hex, whole bytes
+    (an even number of digits, so a leading zero is kept), no separators."""
+    digits = format(serial, "X")
+    return digits if len(digits) % 2 == 0 else "0" + digits
 
 
 def _base_context() -> ssl.SSLContext:
@@ -48,28 +61,106 @@ def _base_context() -> ssl.SSLContext:
     return ctx
 
 
+_CERT_BEGIN = b"-----BEGIN CERTIFICATE-----"
+_KEY_END = b"PRIVATE KEY-----"  # PKCS#8, PKCS#1 (RSA), SEC1 (EC), encrypted PKCS#8
+_SWAPPED = "are --tls-cert and --tls-key swapped?"
+# OpenSSL's words for a key that belongs to another certificate: it drops the certificate
+# and then finds none (NO_CERTIFICATE_ASSIGNED), or says so (KEY_VALUES_MISMATCH).
+_MISMATCH_REASONS = frozenset({"NO_CERTIFICATE_ASSIGNED", "KEY_VALUES_MISMATCH"})
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise CertificateError(
+            f"{what} file {path}: {exc.strerror or type(exc).__name__}"
+        ) from None
+    if not data.strip():
+        raise CertificateError(f"{what} file {path} is empty")
+    return data
+
+
+def _certificates(pem: bytes, path: str) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        pass
+    if _CERT_BEGIN in pem:
+        raise CertificateError(f"certificate file {path}: a PEM certificate in it is malformed")
+    if _KEY_END in pem:
+        raise CertificateError(
+            f"certificate file {path} holds a private key, not a certificate ({_SWAPPED})"
+        )
+    raise CertificateError(f"certificate file {path} holds no PEM certificate")
+
+
+def _private_key(pem: bytes, path: str) -> PrivateKeyTypes:
+    try:
+        return serialization.load_pem_private_key(pem, password=None)
+    except TypeError:  # cryptography's way of saying "encrypted, and no password given"
+        raise CertificateError(
+            f"key file {path}: the key is encrypted (a passphrase-protected key is not supported)"
+        ) from None
+    except UnsupportedAlgorithm:
+        raise CertificateError(f"key file {path}: unsupported key type") from None
+    except ValueError:
+        pass
+    if _KEY_END in pem:
+        raise CertificateError(f"key file {path}: its PEM private key is malformed")
+    if _CERT_BEGIN in pem:
+        raise CertificateError(
+            f"key file {path} holds a certificate, not a private key ({_SWAPPED})"
+        )
+    raise CertificateError(f"key file {path} holds no PEM private key")
+
+
+def _public_der(holder: x509.Certificate | PrivateKeyTypes) -> bytes | None:
+    try:
+        public = holder.public_key()
+        return public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    except (ValueError, UnsupportedAlgorithm):
+        return None  # a key type cryptography cannot compare: OpenSSL decides below
+
+
+def _check_match(chain: list[x509.Certificate], key: PrivateKeyTypes, cert_path: str) -> None:
+    """Raise the plain-words error when the key is not the first certificate's."""
+    key_der = _public_der(key)
+    leaf_der = _public_der(chain[0])
+    if key_der is None or leaf_der is None or key_der == leaf_der:
+        return
+    if any(_public_der(c) == key_der for c in chain[1:]):
+        raise CertificateError(
+            f"certificate and key do not match: the key belongs to a later certificate in"
+            f" {cert_path}; the server's own certificate must come first"
+        )
+    raise CertificateError("certificate and key do not match")
+
+
 def load_pair(cert_path: str, key_path: str) -> LoadedCert:
     """Load a PEM chain (leaf first) and its private key into a fresh context. Blocking:
-    run it in a worker thread. Raises CertificateError with a one-line reason."""
-    try:
-        with open(cert_path, "rb") as f:
-            pem = f.read()
-    except OSError as exc:
-        raise CertificateError(f"reading certificate: {exc.strerror}") from None
-    try:
-        leaf = x509.load_pem_x509_certificate(pem)
-    except ValueError:
-        raise CertificateError("certificate file holds no PEM certificate") from None
+    run it in a worker thread. Raises CertificateError with a one-line reason in plain
+    words that names the file at fault and never quotes its content."""
+    chain = _certificates(_read(cert_path, "certificate"), cert_path)
+    key = _private_key(_read(key_path, "key"), key_path)
+    _check_match(chain, key, cert_path)
+    leaf = chain[0]
     ctx = _base_context()
     try:
         ctx.load_cert_chain(cert_path, key_path)
-    except FileNotFoundError as exc:
-        raise CertificateError(f"reading key: {exc.strerror}") from None
     except ssl.SSLError as exc:
-        # e.g. KEY_VALUES_MISMATCH, or no PEM key; the reason names no key material.
-        raise CertificateError(f"loading certificate and key: {exc.reason or 'invalid'}") from None
+        # The files changed since they were read, or OpenSSL disagrees with the checks
+        # above; its reason names no key material.
+        if exc.reason in _MISMATCH_REASONS:
+            raise CertificateError("certificate and key do not match") from None
+        raise CertificateError(
+            f"loading {cert_path} and {key_path}: {exc.reason or 'invalid'}"
+        ) from None
     except OSError as exc:
-        raise CertificateError(f"loading certificate and key: {exc.strerror}") from None
+        raise CertificateError(
+            f"loading {cert_path} and {key_path}: {exc.strerror or type(exc).__name__}"
+        ) from None
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         names = tuple(san.value.get_values_for_type(x509.DNSName))

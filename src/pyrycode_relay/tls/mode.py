@@ -131,7 +131,9 @@ class TlsFrontEnd:
             main = HostGate(main, config.domain)
         out: list[tuple[ListenAddress, Callable[[], Awaitable[Listener]]]] = []
         if self.autocert is not None:
-            acme_router = AcmeHttpRouter(config.domain, self.autocert.challenges)
+            acme_router = AcmeHttpRouter(
+                config.domain, self.autocert.challenges, self.autocert.challenge_fetched
+            )
             http = self.addresses.acme
             assert http is not None  # ACME mode always has its port-80 listener
             out.append((http, lambda: listen(http, acme_router, settings, live)))

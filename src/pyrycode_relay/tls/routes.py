@@ -5,14 +5,15 @@ whose Host (port removed, compared case-insensitively) is not the domain gets 42
 body, `/healthz` included (reference §1.1, Go's autocert `EnforceHost`); and
 `AcmeHttpRouter` — `/.well-known/acme-challenge/<token>` answered from the in-memory
 challenge map (403 for another Host, 404 for an unknown token), every other request 404,
-never a redirect (reference §1.3, ADR-0002 upstream).
+never a redirect (reference §1.3, ADR-0002 upstream); a served challenge is reported to
+`on_fetched` with the requester's address (the ACME owner logs it).
 Must never: log (challenge tokens and Host values are not log material), rate-limit the
 challenge listener, or touch the insecure-mode path (which uses MainRouter directly).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from pyrycode_relay.transport.connection import Connection, Router
 from pyrycode_relay.transport.http import RequestHead, not_found, response
@@ -55,11 +56,17 @@ class HostGate:
 class AcmeHttpRouter:
     """The `--http-listen` listener in ACME mode."""
 
-    __slots__ = ("_challenges", "_domain")
+    __slots__ = ("_challenges", "_domain", "_on_fetched")
 
-    def __init__(self, domain: str, challenges: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        domain: str,
+        challenges: Mapping[str, str],
+        on_fetched: Callable[[str], None] | None = None,
+    ) -> None:
         self._domain = domain.rstrip(".").lower()
         self._challenges = challenges  # token → key authorization, filled by tls.acme
+        self._on_fetched = on_fetched
 
     def route(self, conn: Connection, head: RequestHead) -> None:
         if not head.path.startswith(CHALLENGE_PREFIX):
@@ -74,3 +81,5 @@ class AcmeHttpRouter:
             conn.respond(not_found())
             return
         conn.respond(response(200, [("Content-Type", "text/plain")], validation.encode("ascii")))
+        if self._on_fetched is not None:
+            self._on_fetched(conn.peer_host)

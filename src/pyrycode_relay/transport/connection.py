@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 from typing import cast
 
-from websockets.frames import Frame, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import OPEN, Side
 from websockets.protocol import Protocol as WsProtocol
 
@@ -49,6 +49,28 @@ _PARSE_SLICE = 16 * 1024
 
 # Most bytes a phone's writer hands over for one write(2) (see Connection._flush).
 BATCH_BYTES = 64 * 1024
+
+
+def read_limit_reason(max_message_bytes: int) -> str:
+    """The 1009 close reason, as the reference's library (coder/websocket) writes it: that
+    library reads one byte past the limit to see whether a message ends there, and names
+    that read size, so a 262 144-byte cap reads `read limited at 262145 bytes`."""
+    return f"read limited at {max_message_bytes + 1} bytes"
+
+
+class _WsProtocol(WsProtocol):
+    """websockets' Sans-I/O protocol whose over-size close (1009, raised by its parser when
+    a message outgrows `max_size`) carries the reference's reason instead of websockets'
+    own text; every other failure keeps websockets' reason."""
+
+    def __init__(self, max_size: int) -> None:
+        super().__init__(Side.SERVER, state=OPEN, max_size=max_size, logger=WS_LOGGER)
+        self._too_big_reason = read_limit_reason(max_size)
+
+    def fail(self, code: CloseCode | int, reason: str = "") -> None:
+        if code == CloseCode.MESSAGE_TOO_BIG:
+            reason = self._too_big_reason
+        super().fail(code, reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,12 +330,7 @@ class Connection(asyncio.Protocol):
         head_reader, self._head = self._head, None
         transport = self.transport
         assert transport is not None and head_reader is not None
-        self.ws = WsProtocol(
-            Side.SERVER,
-            state=OPEN,
-            max_size=self._settings.max_message_bytes,
-            logger=WS_LOGGER,
-        )
+        self.ws = _WsProtocol(self._settings.max_message_bytes)
         self.handler = handler
         write_high = max(write_high, self._settings.write_high_floor)
         self._write_high = write_high
