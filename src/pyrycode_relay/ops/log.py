@@ -18,8 +18,9 @@ from typing import TextIO
 from pyrycode_relay.core.duration import format_duration
 
 # Reference §13 keys, the keys only its main.go uses, and the ones our additions need
-# (`scope` for per-IP caps, `signal` for shutdown lines, `serial`/`not_after` for the
-# certificate being served, `cluster`/`instance_id` for cluster mode's instance names).
+# (`scope` for per-IP caps, `signal` for shutdown lines, `serial`/`not_after`/`days_left` for
+# the certificate being served, `cluster`/`instance_id` for cluster mode's instance names,
+# `endpoint`/`closed_by`/`duration_ms` for a WebSocket's end).
 ALLOWED_KEYS: frozenset[str] = frozenset(
     {
         "server_id",
@@ -57,6 +58,10 @@ ALLOWED_KEYS: frozenset[str] = frozenset(
         "not_after",
         "instance_id",
         "cluster",
+        "days_left",
+        "endpoint",
+        "closed_by",
+        "duration_ms",
     }
 )
 
