@@ -35,6 +35,9 @@ apt_install() {
 command -v pebble >/dev/null || apt_install pebble
 # The cluster end-to-end tests run Debian's redis-server (tests/e2e/clusterharness.py).
 command -v redis-server >/dev/null || apt_install redis-server
+# promtool (Debian's prometheus package) checks deploy/alerts.yml and a live /metrics scrape
+# (tests/ops/test_alerts.py).
+command -v promtool >/dev/null || apt_install prometheus
 # systemd-analyze verifies and rates deploy/pyrycode-relay.service (tests/ops/test_deploy_files.py).
 if ! command -v systemd-analyze >/dev/null && [ "$(id -u)" = 0 ]; then apt_install systemd; fi
 
