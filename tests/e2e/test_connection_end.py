@@ -135,7 +135,7 @@ async def test_a_static_certificate_near_or_past_expiry_is_announced_and_exporte
     async with start_tls_relay(
         f"--tls-cert={cert}", f"--tls-key={key}", f"--metrics-listen=127.0.0.1:{metrics_port}"
     ) as relay:
-        line = fields(await relay.wait_log(f"msg={event!r}".replace("'", '"')))
+        line = fields(await relay.wait_log(f'msg="{event}"'))
         assert line["level"] == level
         assert line["not_after"] == f"{not_after:%Y-%m-%dT%H:%M:%SZ}"
         assert float(line["days_left"]) == pytest.approx(days, abs=0.1)
