@@ -28,20 +28,21 @@ case $deps in
   *) echo "scripts/test-deps.sh: unknown set '$deps' (want locked, lowest or newest)" >&2; exit 2 ;;
 esac
 
-apt_install() {
-  apt-get update -qq && apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
-# The ACME end-to-end tests run Debian's pebble (a small RFC 8555 test server).
-command -v pebble >/dev/null || apt_install pebble
-# The cluster end-to-end tests run Debian's redis-server (tests/e2e/clusterharness.py).
-command -v redis-server >/dev/null || apt_install redis-server
-# The balancer end-to-end tests run Debian's haproxy and nginx (tests/e2e/test_balancer.py);
-# Debian installs both under /usr/sbin.
-for lb in haproxy nginx; do
-  command -v "$lb" >/dev/null || [ -x "/usr/sbin/$lb" ] || apt_install "$lb"
-done
-# systemd-analyze verifies and rates deploy/pyrycode-relay.service (tests/ops/test_deploy_files.py).
-if ! command -v systemd-analyze >/dev/null && [ "$(id -u)" = 0 ]; then apt_install systemd; fi
+# System programs the end-to-end tests run, installed together (one apt-get update) when any
+# is missing:
+#   pebble        the ACME tests (a small RFC 8555 test server)
+#   redis-server  the cluster tests (tests/e2e/clusterharness.py)
+#   haproxy nginx the balancer tests (tests/e2e/test_balancer.py); Debian puts both in /usr/sbin
+#   promtool      (Debian's prometheus) checks deploy/alerts.yml and a live scrape
+#   systemd       systemd-analyze verifies and rates deploy/pyrycode-relay.service (root only)
+missing=()
+have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ]; }
+for program in pebble redis-server haproxy nginx; do have "$program" || missing+=("$program"); done
+have promtool || missing+=(prometheus)
+if ! have systemd-analyze && [ "$(id -u)" = 0 ]; then missing+=(systemd); fi
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
 
 bash scripts/install.sh "$venv" "$lock" --editable
 installed=$("$venv/bin/python" -m pip freeze --exclude-editable)

@@ -42,11 +42,22 @@ def make_ca(name: str = "pyrycode test CA") -> CA:
 
 
 def write_leaf(
-    ca: CA, directory: Path, stem: str, names: list[str], *, serial: int | None = None
+    ca: CA,
+    directory: Path,
+    stem: str,
+    names: list[str],
+    *,
+    serial: int | None = None,
+    not_after: dt.datetime | None = None,
 ) -> tuple[Path, Path, int]:
-    """A leaf for `names` (DNS names or IP literals) signed by `ca`: (cert, key, serial)."""
+    """A leaf for `names` (DNS names or IP literals) signed by `ca`: (cert, key, serial).
+    Valid from 5 minutes ago for 90 days (clear of the relay's expiry warning), or until
+    `not_after` (which may be in the past: the leaf then starts 30 days before it)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
+    not_after = not_after or now + dt.timedelta(days=90)
+    start = now - dt.timedelta(minutes=5)
+    not_before = start if not_after > start else not_after - dt.timedelta(days=30)
     sans: list[x509.GeneralName] = []
     for name in names:
         try:
@@ -60,8 +71,8 @@ def write_leaf(
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(serial)
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .sign(ca.key, hashes.SHA256())
     )

@@ -32,6 +32,16 @@ class FakeConn:
         self.peer_close_code: int | None = None
         self.relay_close_code: int | None = None
         self.handler: BinarySession | PhoneSession | None = None
+        self.accepted_at = 0.0
+        self.opened_at = 0.0
+
+    @property
+    def end_state(self) -> tuple[int, str]:
+        if self.peer_close_code is not None:
+            return self.peer_close_code, "peer"
+        if self.relay_close_code is not None:
+            return self.relay_close_code, "relay"
+        return 1006, "none"
 
     def send_text(self, data: bytes) -> bool:
         if self.closing:

@@ -26,7 +26,7 @@ from pyrycode_relay.endpoints.router import MainRouter, MetricsRouter
 from pyrycode_relay.ops import logbridge
 from pyrycode_relay.ops.boot import ENV_FCM_CREDENTIALS, MSG_ENV, REASON_FCM_CREDENTIALS
 from pyrycode_relay.ops.log import Logger
-from pyrycode_relay.ops.metrics import MetricsExporter
+from pyrycode_relay.ops.metrics import BuildInfo, MetricsExporter
 from pyrycode_relay.ops.push import PushSender
 from pyrycode_relay.ops.readiness import Readiness
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
@@ -227,8 +227,10 @@ class RelayServer:
                 relay.placement.counts,
                 lambda: relay.budget.used,
                 relay.push.outcomes if relay.push.enabled else None,
+                build=BuildInfo.current(self.version, relay.loop),
                 tasks=lambda: len(asyncio.all_tasks()),
                 cluster=None if self._cluster is None else self._cluster.figures,
+                cert_not_after=None if self._tls is None else self._tls.not_after,
             )
             metrics = MetricsRouter(exporter, self.readiness)
 

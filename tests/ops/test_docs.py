@@ -47,6 +47,18 @@ CLUSTER_SERIES: dict[str, dict[str, tuple[str, ...]]] = {
     "pyrycode_relay_cluster_redis_up": {},
     "pyrycode_relay_cluster_lease_renew_failures_total": {},
 }
+# Exists only in a TLS mode once a certificate is served; tests/e2e/test_connection_end.py
+# scrapes it from a static-TLS relay.
+TLS_SERIES: dict[str, dict[str, tuple[str, ...]]] = {
+    "pyrycode_relay_tls_certificate_not_after_seconds": {},
+}
+# Labels whose values describe the build rather than come from a closed set.
+OPEN_LABELS = {
+    ("pyrycode_relay_build_info", "version"),
+    ("pyrycode_relay_build_info", "revision"),
+    ("pyrycode_relay_build_info", "python"),
+}
+_HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 _SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? \S+")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -90,16 +102,32 @@ async def scrape_series(*flags: str) -> dict[str, dict[str, set[str]]]:
     async with start_relay(*flags) as relay:
         status, _, body = await http_request(relay.metrics_port, "GET", "/metrics")
     assert status == 200
+    text = body.decode()
+    histograms = set(re.findall(r"^# TYPE (\S+) histogram$", text, re.M))
     series: dict[str, dict[str, set[str]]] = {}
-    for line in body.decode().splitlines():
+    for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         m = _SAMPLE.fullmatch(line)
         assert m is not None, line
-        labels = series.setdefault(m.group(1), {})
+        name = family_of(m.group(1), histograms)
+        labels = series.setdefault(name, {})
         for key, value in _LABEL.findall(m.group(2) or ""):
             labels.setdefault(key, set()).add(value)
     return series
+
+
+def family_of(sample: str, histograms: set[str]) -> str:
+    """A histogram's `_bucket`/`_sum`/`_count` sample names fold into its family's name."""
+    for suffix in _HISTOGRAM_SUFFIXES:
+        if sample.endswith(suffix) and sample.removesuffix(suffix) in histograms:
+            return sample.removesuffix(suffix)
+    return sample
+
+
+def documented_value(value: str) -> str:
+    """How a label value is written in the docs: `le` bounds without a trailing `.0`."""
+    return value if value == "+Inf" else f"{float(value):g}"
 
 
 def as_sets(labels: dict[str, tuple[str, ...]]) -> dict[str, set[str]]:
@@ -117,7 +145,7 @@ async def test_every_exposed_metric_is_documented() -> None:
     exposed = await scrape_series()
     assert "pyrycode_relay_connected_phones" in exposed  # the scrape really parsed
     assert not set(exposed) & set(CLUSTER_SERIES), "a cluster series outside cluster mode"
-    extra = {**PUSH_SERIES, **CLUSTER_SERIES}
+    extra = {**PUSH_SERIES, **CLUSTER_SERIES, **TLS_SERIES}
     expected = {**exposed, **{n: as_sets(labels) for n, labels in extra.items()}}
     rows = metrics_doc_rows()
     assert set(rows) == set(expected), (
@@ -127,8 +155,11 @@ async def test_every_exposed_metric_is_documented() -> None:
     for name, labels in expected.items():
         for label, values in labels.items():
             assert f"`{label}`" in rows[name], f"{name}: label {label} not documented"
+            if (name, label) in OPEN_LABELS:
+                continue
             for value in values:
-                assert f"`{value}`" in rows[name], f"{name}: {label}={value} not documented"
+                shown = documented_value(value) if label == "le" else value
+                assert f"`{shown}`" in rows[name], f"{name}: {label}={shown} not documented"
     for name in CLUSTER_SERIES:
         assert "only in cluster mode" in rows[name], f"{name}: not marked cluster-only"
     alerts = (DOCS / "metrics.md").read_text().split("\n## What to alert on\n", 1)[1]
@@ -149,8 +180,10 @@ async def test_cluster_series_are_exactly_the_documented_ones() -> None:
 def test_grafana_dashboard_charts_every_series() -> None:
     dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
-    charted = {n for e in exprs for n in re.findall(r"\b(?:pyrycode_relay|promhttp)_\w+", e)}
-    assert charted == set(metrics_doc_rows())
+    names = {n for e in exprs for n in re.findall(r"\b(?:pyrycode_relay|promhttp)_\w+", e)}
+    rows = set(metrics_doc_rows())
+    charted = {family_of(n, rows) for n in names}
+    assert charted == rows
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == "${datasource}"  # importable anywhere
 

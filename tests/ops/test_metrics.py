@@ -7,11 +7,23 @@ from prometheus_client.parser import text_string_to_metric_families
 from pyrycode_relay.core.stats import (
     CAP_SCOPES,
     ENDPOINTS,
+    LIFETIME_BUCKETS,
     REGISTER_FAILURE_KINDS,
+    UPGRADE_BUCKETS,
     UPGRADE_OUTCOMES,
     RelayStats,
 )
-from pyrycode_relay.ops.metrics import CONTENT_TYPE, MetricsExporter
+from pyrycode_relay.ops.metrics import CONTENT_TYPE, BuildInfo, MetricsExporter
+
+BUILD = BuildInfo("1.2.3", "3.12.7", "cpython", "uvloop", "0123456789ab")
+BUILD_SERIES = (
+    'pyrycode_relay_build_info{event_loop="uvloop",implementation="cpython",'
+    'python="3.12.7",revision="0123456789ab",version="1.2.3"}'
+)
+HISTOGRAMS = {
+    "pyrycode_relay_ws_upgrade_duration_seconds": UPGRADE_BUCKETS,
+    "pyrycode_relay_ws_connection_duration_seconds": LIFETIME_BUCKETS,
+}
 
 
 class Live:
@@ -29,7 +41,7 @@ class Live:
 
 def setup() -> tuple[RelayStats, Live, MetricsExporter]:
     stats, live = RelayStats(), Live()
-    return stats, live, MetricsExporter(stats, live.counts, live.outbox_bytes)
+    return stats, live, MetricsExporter(stats, live.counts, live.outbox_bytes, build=BUILD)
 
 
 def samples(body: bytes) -> dict[str, float]:
@@ -64,6 +76,12 @@ def expected_series() -> set[str]:
     s |= {f'pyrycode_relay_heartbeat_closes_total{{endpoint="{e}"}}' for e in ENDPOINTS}
     s |= {f'pyrycode_relay_conn_cap_rejections_total{{scope="{c}"}}' for c in CAP_SCOPES}
     s |= {f'promhttp_metric_handler_requests_total{{code="{c}"}}' for c in ("200", "500", "503")}
+    s.add(BUILD_SERIES)
+    for name, bounds in HISTOGRAMS.items():
+        for e in ENDPOINTS:
+            les = [str(float(b)) for b in bounds] + ["+Inf"]
+            s |= {f'{name}_bucket{{endpoint="{e}",le="{le}"}}' for le in les}
+            s |= {f'{name}_sum{{endpoint="{e}"}}', f'{name}_count{{endpoint="{e}"}}'}
     return s
 
 
@@ -75,8 +93,9 @@ def test_every_series_exists_at_zero_and_nothing_else() -> None:
     assert set(got) == expected_series()
     assert len([k for k in got if "ws_upgrade_attempts" in k]) == 12
     for series, value in got.items():
-        # the scrape being served is in flight; everything else starts at 0
-        want = 1.0 if series == "promhttp_metric_handler_requests_in_flight" else 0.0
+        # the scrape being served is in flight, build_info is 1; everything else starts at 0
+        ones = ("promhttp_metric_handler_requests_in_flight", BUILD_SERIES)
+        want = 1.0 if series in ones else 0.0
         assert value == want, series
 
 
@@ -143,7 +162,7 @@ def test_failed_scrape_counts_500() -> None:
             raise RuntimeError("boom")
         return 0, 0
 
-    exp = MetricsExporter(stats, counts, lambda: 0)
+    exp = MetricsExporter(stats, counts, lambda: 0, build=BUILD)
     with pytest.raises(RuntimeError):
         exp.render()
     got = samples(exp.render()[0])
@@ -164,7 +183,7 @@ def test_push_series_only_when_push_is_on() -> None:
 
     stats, live = RelayStats(), Live()
     outcomes = dict.fromkeys(OUTCOMES, 0)
-    exp = MetricsExporter(stats, live.counts, live.outbox_bytes, outcomes)
+    exp = MetricsExporter(stats, live.counts, live.outbox_bytes, outcomes, build=BUILD)
     push = {f'pyrycode_relay_push_wakes_total{{outcome="{o}"}}' for o in OUTCOMES}
     got = samples(exp.render()[0])
     assert set(got) == expected_series() | push
@@ -181,8 +200,48 @@ def test_push_series_only_when_push_is_on() -> None:
 
 def test_asyncio_tasks_gauge_only_with_a_source() -> None:
     stats = RelayStats()
-    without = samples(MetricsExporter(stats, lambda: (0, 0), lambda: 0).render()[0])
+    without = samples(MetricsExporter(stats, lambda: (0, 0), lambda: 0, build=BUILD).render()[0])
     assert "pyrycode_relay_asyncio_tasks" not in without
-    text = MetricsExporter(stats, lambda: (0, 0), lambda: 0, tasks=lambda: 7).render()[0]
+    exp = MetricsExporter(stats, lambda: (0, 0), lambda: 0, build=BUILD, tasks=lambda: 7)
+    text = exp.render()[0]
     assert samples(text)["pyrycode_relay_asyncio_tasks"] == 7
     assert b"# TYPE pyrycode_relay_asyncio_tasks gauge" in text
+
+
+def test_histograms_are_cumulative_with_sum_and_count() -> None:
+    stats, _, exp = setup()
+    up = stats.upgrade_seconds["client"]
+    for value in (0.0004, 0.0005, 0.003, 7.0, 11.0):  # 0.0005 is `le` its own bound
+        up.observe(value)
+    stats.connection_seconds["server"].observe(90.0)
+    got = samples(exp.render()[0])
+    name = "pyrycode_relay_ws_upgrade_duration_seconds"
+    bucket = f'{name}_bucket{{endpoint="client",le='
+    assert got[bucket + '"0.0005"}'] == 2
+    assert got[bucket + '"0.001"}'] == 2
+    assert got[bucket + '"0.005"}'] == 3
+    assert got[bucket + '"5.0"}'] == 3
+    assert got[bucket + '"10.0"}'] == 4
+    assert got[bucket + '"+Inf"}'] == 5
+    assert got[f'{name}_count{{endpoint="client"}}'] == 5
+    assert got[f'{name}_sum{{endpoint="client"}}'] == pytest.approx(18.0039)
+    assert got[f'{name}_count{{endpoint="server"}}'] == 0
+    life = "pyrycode_relay_ws_connection_duration_seconds"
+    assert got[f'{life}_bucket{{endpoint="server",le="60.0"}}'] == 0
+    assert got[f'{life}_bucket{{endpoint="server",le="300.0"}}'] == 1
+    assert got[f'{life}_sum{{endpoint="server"}}'] == 90
+    assert b"# TYPE pyrycode_relay_ws_connection_duration_seconds histogram" in exp.render()[0]
+
+
+def test_certificate_expiry_only_once_a_certificate_is_held() -> None:
+    stats = RelayStats()
+    held: list[float | None] = [None]
+    exp = MetricsExporter(
+        stats, lambda: (0, 0), lambda: 0, build=BUILD, cert_not_after=lambda: held[0]
+    )
+    name = "pyrycode_relay_tls_certificate_not_after_seconds"
+    assert name not in samples(exp.render()[0])  # ACME has not delivered yet
+    held[0] = 1_800_000_000.0
+    assert samples(exp.render()[0])[name] == 1_800_000_000
+    _, _, insecure = setup()
+    assert b"tls_certificate" not in insecure.render()[0]

@@ -80,6 +80,7 @@ class PhoneSession(HeldByConnection):
         self._notice_code: int | None = None  # set when our own teardown implies 1001
 
     def start(self) -> None:
+        self.relay.ws_opened("client", self.conn)
         self.relay.placement.admit(self)
 
     def register_local(self) -> None:
@@ -288,6 +289,7 @@ class PhoneSession(HeldByConnection):
     # -- teardown -------------------------------------------------------------------
 
     def on_closed(self) -> None:
+        self.relay.ws_ended("client", self.conn, self.server_id, self.conn_id)
         self.outbox.clear()
         if not self._registered:
             return

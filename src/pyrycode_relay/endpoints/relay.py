@@ -1,15 +1,17 @@
 """The state one relay process shares between its endpoints.
 
 Owns: wiring the pure core pieces (registry, limiter, caps, budget, counters) and the push
-waker together with the config and the logger, grace-timer scheduling and grace expiry, and the
-`shutting_down` flag.
-Must never: hold per-connection state; sessions own that.
+waker together with the config and the logger, grace-timer scheduling and grace expiry, the
+`shutting_down` flag, and what every WebSocket's start and end record (the two histograms and
+the `ws_closed` line), whichever session it belongs to.
+Must never: hold per-connection state; sessions own that. Nor observe anything per frame.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
 
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.core.conncap import ConnectionCaps
@@ -22,6 +24,9 @@ from pyrycode_relay.endpoints.placement import LocalPlacement
 from pyrycode_relay.endpoints.roles import ERR_BINARY_GONE, Binary, PhoneEndpoint, Placement
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.push import PushSender, PushWaker
+
+if TYPE_CHECKING:
+    from pyrycode_relay.transport.connection import Connection
 
 
 class Relay:
@@ -61,6 +66,26 @@ class Relay:
 
     def uptime_seconds(self) -> int:
         return max(0, int(time.monotonic() - self.started))
+
+    def ws_opened(self, endpoint: str, conn: Connection) -> None:
+        """A session's first step, right after its 101 was written."""
+        self.stats.upgrade_seconds[endpoint].observe(conn.opened_at - conn.accepted_at)
+
+    def ws_ended(self, endpoint: str, conn: Connection, server_id: str, conn_id: str) -> None:
+        """A session's teardown, once per WebSocket however it ended (refused after the 101,
+        closed by either side, or dropped): its lifetime, and one line saying how."""
+        seconds = self.loop.time() - conn.opened_at
+        self.stats.connection_seconds[endpoint].observe(seconds)
+        close_code, closed_by = conn.end_state
+        self.log.info(
+            "ws_closed",
+            endpoint=endpoint,
+            server_id=server_id,
+            conn_id=conn_id,
+            close_code=close_code,
+            closed_by=closed_by,
+            duration_ms=int(seconds * 1000),
+        )
 
     def arm_grace(self, server_id: str, token: GraceToken) -> None:
         self.loop.call_later(self.config.grace_period, self._grace_expired, server_id, token)

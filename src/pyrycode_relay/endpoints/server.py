@@ -69,6 +69,7 @@ class BinarySession(HeldByConnection):
     # -- claim ----------------------------------------------------------------------
 
     def start(self) -> None:
+        self.relay.ws_opened("server", self.conn)
         self.relay.placement.claim(self)
 
     def claim_local(self) -> None:
@@ -231,8 +232,9 @@ class BinarySession(HeldByConnection):
             self.conn.close(1001, "shutting down")
 
     def on_closed(self) -> None:
-        self._release_blocked()
         relay = self.relay
+        relay.ws_ended("server", self.conn, self.server_id, self.conn_id)
+        self._release_blocked()
         token = relay.registry.release(self.server_id, self)
         if token is None:
             return  # never held the slot, or was taken over

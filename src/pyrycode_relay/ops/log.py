@@ -16,12 +16,13 @@ from decimal import Decimal
 from typing import TextIO
 
 # Reference §13 keys, the keys only its main.go uses, and the ones our additions need
-# (`scope` for per-IP caps, `signal` for shutdown lines, `serial`/`not_after` for the
-# certificate being served, `cluster`/`instance_id` for cluster mode's instance names,
+# (`scope` for per-IP caps, `signal` for shutdown lines, `serial`/`not_after`/`days_left` for
+# the certificate being served, `cluster`/`instance_id` for cluster mode's instance names,
 # `header_name` for the name — never the value — of a header the gate found missing,
-# `challenge` for an ACME challenge type). Durations are integer milliseconds under keys
-# ending in `_ms` (`duration_ms`, `retry_ms`, `wait_ms`) instead of the reference's
-# `duration`, whose JSON form (Go's integer nanoseconds, unlabelled) misled operators.
+# `challenge` for an ACME challenge type, `endpoint`/`closed_by` for a WebSocket's end).
+# Durations are integer milliseconds under keys ending in `_ms` (`duration_ms`, `retry_ms`,
+# `wait_ms`) instead of the reference's `duration`, whose JSON form (Go's integer
+# nanoseconds, unlabelled) misled operators.
 ALLOWED_KEYS: frozenset[str] = frozenset(
     {
         "server_id",
@@ -63,6 +64,9 @@ ALLOWED_KEYS: frozenset[str] = frozenset(
         "cluster",
         "header_name",
         "challenge",
+        "days_left",
+        "endpoint",
+        "closed_by",
     }
 )
 

@@ -1,21 +1,32 @@
 """Prometheus text exposition of the relay's counters and gauges (reference §8.2, README §3.4).
 
-Owns: the series names, labels and help texts, and rendering one scrape. Must never: be called
-from the data path, use the default registry or its process/platform/GC collectors, or turn a
-server-id, IP or token into a label value. The data path only bumps plain ints in `RelayStats`;
-this module reads them at scrape time, so forwarding a frame never takes a prometheus lock.
+Owns: the series names, labels and help texts, the build description (`BuildInfo`), and
+rendering one scrape. Must never: be called from the data path, use the default registry or its
+process/platform/GC collectors, or turn a server-id, IP or token into a label value. The data
+path only bumps plain numbers in `RelayStats`; this module reads them at scrape time, so
+forwarding a frame never takes a prometheus lock.
 """
 
 from __future__ import annotations
 
+import asyncio
+import platform
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from pyrycode_relay.core.stats import RelayStats
+from pyrycode_relay import source_revision
+from pyrycode_relay.core.stats import Histogram, RelayStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -48,6 +59,45 @@ class _RelayCollector(Collector):
                 fam.add_metric(list(values), rows[values])
             families.append(fam)
 
+        def histogram(name: str, doc: str, by_endpoint: dict[str, Histogram]) -> None:
+            fam = HistogramMetricFamily(name, doc, labels=["endpoint"])
+            for endpoint in sorted(by_endpoint):
+                h = by_endpoint[endpoint]
+                # repr: the `le` text prometheus_client's own histograms write (1.0, 0.0025)
+                bounds = [repr(float(b)) for b in h.bounds] + ["+Inf"]
+                fam.add_metric(
+                    [endpoint], list(zip(bounds, accumulate(h.counts), strict=True)), h.total
+                )
+            families.append(fam)
+
+        build = x.build
+        build_info = GaugeMetricFamily(
+            "pyrycode_relay_build_info",
+            "Always 1; the labels say what is running.",
+            labels=["version", "revision", "python", "implementation", "event_loop"],
+        )
+        build_info.add_metric(
+            [build.version, build.revision, build.python, build.implementation, build.loop], 1
+        )
+        families.append(build_info)
+        histogram(
+            "pyrycode_relay_ws_upgrade_duration_seconds",
+            "Seconds from an accepted connection to its 101 written, by endpoint.",
+            st.upgrade_seconds,
+        )
+        histogram(
+            "pyrycode_relay_ws_connection_duration_seconds",
+            "Seconds from the 101 to the end of the WebSocket, by endpoint.",
+            st.connection_seconds,
+        )
+        if x.cert_not_after is not None:  # a TLS mode: once a certificate is held
+            not_after = x.cert_not_after()
+            if not_after is not None:
+                gauge(
+                    "pyrycode_relay_tls_certificate_not_after_seconds",
+                    "Expiry (notAfter) of the TLS certificate being served, in Unix seconds.",
+                    not_after,
+                )
         gauge(
             "promhttp_metric_handler_requests_in_flight",
             "Current number of scrapes being served.",
@@ -165,6 +215,29 @@ class _RelayCollector(Collector):
 
 
 @dataclass(frozen=True, slots=True)
+class BuildInfo:
+    """What `pyrycode_relay_build_info` says about the running process."""
+
+    version: str
+    python: str  # e.g. 3.12.7
+    implementation: str  # sys.implementation.name: cpython, pypy
+    loop: str  # uvloop or asyncio
+    revision: str = ""  # the source revision of the build; "" when unknown
+
+    @classmethod
+    def current(cls, version: str, loop: asyncio.AbstractEventLoop) -> BuildInfo:
+        """This process's, serving on `loop`."""
+        loop_module = type(loop).__module__.partition(".")[0]
+        return cls(
+            version=version,
+            python=platform.python_version(),
+            implementation=sys.implementation.name,
+            loop="uvloop" if loop_module == "uvloop" else "asyncio",
+            revision=source_revision() or "",
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterFigures:
     published: int
     received: int
@@ -175,7 +248,8 @@ class ClusterFigures:
 
 class MetricsExporter:
     """Renders `/metrics` from a `RelayStats`, a live-count source, an outbox-size source,
-    when push is on the push waker's outcome counts, and optionally a task-count source."""
+    when push is on the push waker's outcome counts, and optionally a task-count source, the
+    cluster's figures and (a TLS mode) the served certificate's expiry in Unix seconds."""
 
     def __init__(
         self,
@@ -184,15 +258,19 @@ class MetricsExporter:
         outbox_bytes: Callable[[], int],
         push_outcomes: dict[str, int] | None = None,
         *,
+        build: BuildInfo,
         tasks: Callable[[], int] | None = None,
         cluster: Callable[[], ClusterFigures] | None = None,
+        cert_not_after: Callable[[], float | None] | None = None,
     ) -> None:
+        self.build = build
         self.stats = stats
         self.counts = counts
         self.outbox_bytes = outbox_bytes
         self.push_outcomes = push_outcomes  # None: push is off, the series does not exist
         self.tasks = tasks
         self.cluster = cluster  # None: single instance, the cluster series do not exist
+        self.cert_not_after = cert_not_after  # None: insecure mode, no certificate series
         self.in_flight = 0
         self.handler_requests: dict[str, int] = dict.fromkeys(_HANDLER_CODES, 0)
         # A private registry: the global one would add process_/python_/gc series.

@@ -6,16 +6,20 @@ is refused too, like Go's autocert) and (2) hands the handshake the *current*
 certificate context. Installing a new certificate is one attribute assignment on the
 event loop: handshakes that start afterwards see it, live connections keep theirs.
 Loading a PEM pair (file reads, key parsing) is blocking, so callers run `load_pair` in a
-worker thread and only `install` on the loop. A pair that cannot be served is refused in
-plain words naming the file at fault (unreadable, empty, no or malformed PEM, swapped
-files, an encrypted key, a key of another certificate) rather than in OpenSSL's codes.
+worker thread and only `install` on the loop. Every certificate served passes `install`, so
+its `on_install` hook is the one place that sees each of them (static at start and on
+SIGHUP, ACME from the cache or the CA). A pair that cannot be served is refused in plain
+words naming the file at fault (unreadable, empty, no or malformed PEM, swapped files, an
+encrypted key, a key of another certificate) rather than in OpenSSL's codes.
 Must never: serve a handshake without a certificate (it fails with an alert instead), put
-a file's content in an error, or log — callers log what they loaded.
+a file's content in an error, or log — callers (and the `on_install` hook) log what they
+loaded.
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -178,10 +182,11 @@ def _normalise(name: str) -> str:
 class CertSwitch:
     """The front context of the HTTPS listeners and the certificate currently served."""
 
-    __slots__ = ("_domain", "current", "front")
+    __slots__ = ("_domain", "_on_install", "current", "front")
 
-    def __init__(self, domain: str) -> None:
+    def __init__(self, domain: str, on_install: Callable[[LoadedCert], None] | None = None) -> None:
         self._domain = _normalise(domain)  # "" = no SNI gate (static certs without --domain)
+        self._on_install = on_install
         self.current: LoadedCert | None = None
         self.front = _base_context()
         self.front.sni_callback = self._on_sni
@@ -189,6 +194,8 @@ class CertSwitch:
     def install(self, cert: LoadedCert) -> None:
         """Serve `cert` to every handshake from now on (call on the event loop)."""
         self.current = cert
+        if self._on_install is not None:
+            self._on_install(cert)
 
     def _on_sni(
         self, conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _ctx: ssl.SSLContext

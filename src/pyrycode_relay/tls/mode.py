@@ -5,7 +5,8 @@ ACME autocert for --domain), the start-up checks that belong to it (a bad static
 exit 2; the cert cache directory policy → exit 1), the listeners a TLS mode opens
 (HTTPS on --https-listen, directly or behind the PROXY v2 front; in ACME mode also the
 port-80 challenge listener on --http-listen), reloading static files (the server calls
-`reload` on SIGHUP), and the ACME background task.
+`reload` on SIGHUP), the ACME background task, and saying when a certificate it starts
+serving is expired or expires within `EXPIRY_WARNING` (the expiry gauge reads `not_after`).
 Must never: validate flags (ops.boot did), handle signals or drain connections (the server
 does), log a refusal (it raises one), or log a key, a header value or an ACME key
 authorization.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -26,10 +28,22 @@ from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
 from pyrycode_relay.tls.acme import AcmeSettings, AutoCert
 from pyrycode_relay.tls.certcache import CertCacheRefusal, prepare_cert_cache
-from pyrycode_relay.tls.certs import CertificateError, CertSwitch, load_pair
+from pyrycode_relay.tls.certs import CertificateError, CertSwitch, LoadedCert, load_pair
 from pyrycode_relay.tls.proxyfront import ProxyListener, bind_sockets
 from pyrycode_relay.tls.routes import AcmeHttpRouter, HostGate
 from pyrycode_relay.transport.connection import Connection, ConnSettings, Listener, Router, listen
+
+# A certificate installed with less than this left is announced at WARN (already expired:
+# ERROR). Let's Encrypt's renew with 30 days left, so an ACME one this close means renewal
+# has been failing for two weeks; a static one means the operator's rotation did not run.
+EXPIRY_WARNING = dt.timedelta(days=14)
+FIX_STATIC = "renew the certificate, replace the --tls-cert/--tls-key files, then send SIGHUP"
+FIX_ACME = "renewal is failing: see the 'acme certificate request failed' lines"
+
+
+def rfc3339(when: dt.datetime) -> str:
+    """`2026-12-05T00:33:58Z`: the UTC instant, to the second."""
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +85,7 @@ class TlsFrontEnd:
         self.addresses = listeners
         self.log = log
         self.static = bool(config.tls_cert)
-        self.switch = CertSwitch(config.domain)
+        self.switch = CertSwitch(config.domain, on_install=self._check_expiry)
         self.autocert: AutoCert | None = None
         self._task: asyncio.Task[None] | None = None
         self._reloads: set[asyncio.Task[None]] = set()
@@ -99,8 +113,8 @@ class TlsFrontEnd:
                 raise Refusal(
                     "refusing to start: invalid TLS certificate", {"reason": str(exc)}
                 ) from None
-            self.switch.install(cert)
             self.log.info("tls certificate loaded", serial=cert.serial_hex)
+            self.switch.install(cert)
             return
         try:
             tightened = prepare_cert_cache(
@@ -194,8 +208,40 @@ class TlsFrontEnd:
         except CertificateError as exc:
             self.log.error("tls certificate reload failed; keeping the old one", err=str(exc))
             return
-        self.switch.install(cert)
         self.log.info("tls certificate reloaded", serial=cert.serial_hex)
+        self.switch.install(cert)
+
+    def not_after(self) -> float | None:
+        """The served certificate's notAfter in Unix seconds; None before ACME delivers."""
+        current = self.switch.current
+        return None if current is None else current.not_after.timestamp()
+
+    def _check_expiry(self, cert: LoadedCert) -> None:
+        """One line when a certificate we start serving is expired or about to be. (A served
+        one that ages into the window is the alert's job: the gauge above.)"""
+        left = cert.not_after - dt.datetime.now(dt.UTC)
+        if left > EXPIRY_WARNING:
+            return
+        days_left = round(left.total_seconds() / 86400, 1)
+        fix = FIX_STATIC if self.static else FIX_ACME
+        if left.total_seconds() <= 0:
+            self.log.error(
+                "tls certificate has expired",
+                serial=cert.serial_hex,
+                not_after=rfc3339(cert.not_after),
+                days_left=days_left,
+                reason="not_after is in the past: TLS clients refuse this certificate",
+                fix=fix,
+            )
+            return
+        self.log.warn(
+            "tls certificate expires soon",
+            serial=cert.serial_hex,
+            not_after=rfc3339(cert.not_after),
+            days_left=days_left,
+            reason=f"not_after is less than {EXPIRY_WARNING.days} days away",
+            fix=fix,
+        )
 
     def close(self) -> None:
         if self._task is not None:

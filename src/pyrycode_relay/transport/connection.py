@@ -199,9 +199,11 @@ class Connection(asyncio.Protocol):
         "_transport_paused",
         "_unparsed",
         "_write_high",
+        "accepted_at",
         "closing",
         "handler",
         "on_release",
+        "opened_at",
         "peer_host",
         "timed_out_reading",
         "transport",
@@ -242,6 +244,11 @@ class Connection(asyncio.Protocol):
         self.write_paused = False
         self.timed_out_reading = False
         self.on_release: Callable[[], None] | None = None  # returns an admission slot
+        # Loop times (monotonic seconds) of the accepted connection (behind TLS: its
+        # handshake done) and of the 101 written; read by the endpoints once at the start
+        # and once at the end of the WebSocket, never per frame.
+        self.accepted_at = 0.0
+        self.opened_at = 0.0
 
     # -- asyncio.Protocol -----------------------------------------------------------
 
@@ -249,6 +256,7 @@ class Connection(asyncio.Protocol):
         # uvloop's transports implement the interface without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
+        self.accepted_at = self._loop.time()
         if not self.peer_host:
             peer = transport.get_extra_info("peername")
             if isinstance(peer, tuple) and peer:
@@ -336,6 +344,7 @@ class Connection(asyncio.Protocol):
         self._write_high = write_high
         transport.set_write_buffer_limits(high=write_high, low=0)
         transport.write(handshake)
+        self.opened_at = self._loop.time()
         start()
         early = head_reader.trailing()
         if early:
@@ -661,6 +670,20 @@ class Connection(asyncio.Protocol):
         if ws is None or ws.close_rcvd is None or ws.close_rcvd_then_sent is False:
             return None
         return int(ws.close_rcvd.code)
+
+    @property
+    def end_state(self) -> tuple[int, str]:
+        """How the WebSocket ended, for the endpoint's teardown: (close code, who closed
+        first: `peer`, `relay`, or `none` with 1006 when the TCP connection ended without
+        a close frame either way: the peer vanished, or the relay dropped a peer that
+        stopped reading)."""
+        code = self.peer_close_code
+        if code is not None:
+            return code, "peer"
+        code = self.relay_close_code
+        if code is not None:
+            return code, "relay"
+        return 1006, "none"
 
     @property
     def relay_close_code(self) -> int | None:
