@@ -425,6 +425,26 @@ async def test_metrics_exposition_from_startup() -> None:  # H70
             elif line and not line.startswith("#"):
                 name, value = line.rsplit(" ", 1)
                 series[name] = float(value)
+        # Our additions beyond the reference's set (docs/metrics.md): the build, and the two
+        # connection histograms, every bucket of both endpoints at 0 from startup.
+        [build] = [name for name in series if name.startswith("pyrycode_relay_build_info{")]
+        assert series.pop(build) == 1
+        histograms = {
+            name: value
+            for name, value in series.items()
+            if name.startswith(
+                ("pyrycode_relay_ws_upgrade_duration_seconds", "pyrycode_relay_ws_connection_")
+            )
+        }
+        for family in ("upgrade", "connection"):
+            for endpoint in ("server", "client"):
+                count = (
+                    f'pyrycode_relay_ws_{family}_duration_seconds_count{{endpoint="{endpoint}"}}'
+                )
+                assert histograms[count] == 0
+        assert set(histograms.values()) == {0}
+        for name in histograms:
+            del series[name]
         assert set(series) == set(EXPECTED_SERIES) | PROMHTTP_SERIES | {TASKS_SERIES}
         assert series[TASKS_SERIES] >= 1  # at least the relay's main task
         for name, kind in EXPECTED_SERIES.items():
