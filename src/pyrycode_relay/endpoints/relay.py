@@ -67,6 +67,23 @@ class Relay:
     def uptime_seconds(self) -> int:
         return max(0, int(time.monotonic() - self.started))
 
+    def refused_after_upgrade(
+        self, path: str, reason: str, server_id: str, close_code: int, remote: str
+    ) -> None:
+        """One `admission_refused` line at DEBUG for a session the registry or the cluster
+        refused after its 101 (the router logs the refusals before it); built only when
+        debug is on."""
+        log = self.log
+        if log.enabled("debug"):
+            log.debug(
+                "admission_refused",
+                path=path,
+                reason=reason,
+                server_id=server_id,
+                close_code=close_code,
+                remote=remote,
+            )
+
     def ws_opened(self, endpoint: str, conn: Connection) -> None:
         """A session's first step, right after its 101 was written."""
         self.stats.upgrade_seconds[endpoint].observe(conn.opened_at - conn.accepted_at)

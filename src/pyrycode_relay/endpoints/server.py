@@ -147,16 +147,7 @@ class BinarySession(HeldByConnection):
         self.conn.close(code, reason)
 
     def _refused_debug(self, reason: str, code: int) -> None:
-        log = self.relay.log
-        if log.enabled("debug"):
-            log.debug(
-                "admission_refused",
-                path="/v1/server",
-                reason=reason,
-                server_id=self.server_id,
-                close_code=code,
-                remote=self.remote,
-            )
+        self.relay.refused_after_upgrade("/v1/server", reason, self.server_id, code, self.remote)
 
     # -- forwarding: binary → phones ----------------------------------------------
 
