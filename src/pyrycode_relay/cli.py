@@ -90,7 +90,7 @@ def _run(config: Config, listeners: Listeners, log: Logger, fcm_credentials: str
 
 
 def _check_config(config: Config, listeners: Listeners, log: Logger) -> int:
-    from pyrycode_relay.ops.checkconfig import check_config, render
+    from pyrycode_relay.checkconfig import check_config, render
 
     try:
         plan = check_config(config, listeners, os.environ)
