@@ -2,8 +2,9 @@
 
 Writes `pyrycode_relay/_revision` (one line) into the wheel: `SOURCE_REVISION` from the
 environment when set (a container build has no .git), else `git rev-parse --short=12 HEAD`
-with `+dirty` for uncommitted changes to tracked files, else nothing (the relay then says
-the revision is unknown). Editable installs get no file: their source moves under them.
+with `+dirty` for uncommitted changes to tracked files, else nothing (`--version` then
+prints the version alone, and build_info's revision label is empty). Editable installs get
+no file: their source moves under them.
 """
 
 from __future__ import annotations

@@ -2,9 +2,12 @@
 
 Owns: the checks that need the filesystem or the network beyond the boot refusals (the
 static certificate and key, the ACME CA bundle and cache directory, a cached ACME
-certificate, Redis reachability and version in cluster mode) and the plan: what the relay
-would serve, printed as aligned text or as one JSON object. The boot refusals themselves
-run first, in `cli`, exactly as for a start.
+certificate, Redis reachability and version and whether --instance-id is held in cluster
+mode) and the plan: what the relay would serve, printed as aligned text or as one JSON
+object. The boot refusals themselves run first, in `cli`, exactly as for a start. A check is
+stricter than a start in two places, both named `check failed: …`: Redis unreachable (a
+start serves its local pairs and retries) and an expired certificate (a start serves it and
+logs an error); whatever a start refuses, a check refuses with the same line.
 Must never: bind a socket, create or change a file or directory, or print a secret (the
 Redis URL's password, an environment variable's value, key material).
 """
@@ -15,7 +18,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import ssl
 import sys
 import urllib.parse
 from collections.abc import Mapping
@@ -24,24 +26,28 @@ from typing import TYPE_CHECKING, Final
 from pyrycode_relay.core.addresses import Listeners
 from pyrycode_relay.core.config import Config, format_size
 from pyrycode_relay.core.duration import format_duration
-from pyrycode_relay.ops.boot import ENV_FCM_CREDENTIALS
+from pyrycode_relay.ops.boot import ENV_FCM_CREDENTIALS, MSG_INSTANCE_LIVE
+from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
 
 if TYPE_CHECKING:
     from pyrycode_relay.tls.certs import LoadedCert
 
-MSG_CERTIFICATE: Final = "refusing to start: invalid TLS certificate"
-MSG_CA_BUNDLE: Final = "refusing to start: invalid --acme-ca-bundle"
 MSG_CERT_CACHE: Final = "refusing to start: cert cache"
-MSG_REDIS: Final = "refusing to start: redis unreachable"
-MSG_REDIS_VERSION: Final = "refusing to start: redis too old"
+# A start serves these (it retries Redis, and logs an expired certificate); a check fails.
+MSG_EXPIRED: Final = "check failed: tls certificate has expired"
+MSG_REDIS: Final = "check failed: redis unreachable"
+MSG_REDIS_AUTH: Final = "check failed: redis refused the credentials"
+MSG_REDIS_VERSION: Final = "check failed: redis too old"
 REDIS_TIMEOUT: Final = 3.0
 MIN_REDIS: Final = (7, 0)
 
 Plan = dict[str, str]
 
 
-def check_config(config: Config, listeners: Listeners, environ: Mapping[str, str]) -> Plan:
+def check_config(
+    config: Config, listeners: Listeners, environ: Mapping[str, str], log: Logger
+) -> Plan:
     """Run every check a start would meet after the boot refusals; the plan, or Refusal."""
     plan: Plan = {"mode": _mode(config)}
     main = listeners.main.text
@@ -55,7 +61,7 @@ def check_config(config: Config, listeners: Listeners, environ: Mapping[str, str
     if listeners.acme is not None:
         plan["acme"] = _check_acme(config, listeners.acme.text)
     if config.tls_cert:
-        plan["certificate"] = _check_static(config)
+        plan["certificate"] = _check_static(config, log)
     metrics = listeners.metrics
     plan["metrics"] = "off" if metrics is None else f"{metrics.text} (/metrics, /readyz)"
     if config.cluster_redis:
@@ -100,37 +106,48 @@ def _mode(config: Config) -> str:
     return "static-tls" if config.tls_cert else "autocert"
 
 
-def _describe(cert: LoadedCert, now: dt.datetime) -> str:
-    days = (cert.not_after - now).total_seconds() / 86400
-    when = cert.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
-    left = f"{int(days)} days left" if days >= 0 else "EXPIRED"
+def _describe(cert: LoadedCert) -> str:
+    from pyrycode_relay.tls.mode import days_left, rfc3339
+
+    left = days_left(cert, dt.datetime.now(dt.UTC))
     names = ", ".join(cert.names) or "no DNS names"
-    return f"{names}; serial {cert.serial_hex}; not after {when} ({left})"
+    state = f"{left} days left" if left > 0 else "EXPIRED"
+    return f"{names}; serial {cert.serial_hex}; not after {rfc3339(cert.not_after)} ({state})"
 
 
-def _check_static(config: Config) -> str:
+def _check_static(config: Config, log: Logger) -> str:
     from pyrycode_relay.tls.certs import CertificateError, load_pair
+    from pyrycode_relay.tls.mode import FIX_STATIC, MSG_CERTIFICATE, announce, rfc3339
 
     try:
         cert = load_pair(config.tls_cert, config.tls_key)
     except CertificateError as exc:
         raise Refusal(MSG_CERTIFICATE, {"reason": str(exc)}) from None
-    return f"{config.tls_cert}: {_describe(cert, dt.datetime.now(dt.UTC))}"
+    if cert.not_after <= dt.datetime.now(dt.UTC):
+        # A start would serve it (and say so); a check fails: every client refuses it.
+        raise Refusal(
+            MSG_EXPIRED,
+            {
+                "serial": cert.serial_hex,
+                "not_after": rfc3339(cert.not_after),
+                "reason": "not_after is in the past: TLS clients refuse this certificate",
+                "fix": FIX_STATIC,
+            },
+        )
+    announce(log, cert, config.domain, FIX_STATIC)  # the warnings a start would log
+    return f"{config.tls_cert}: {_describe(cert)}"
 
 
 def _check_acme(config: Config, http_listen: str) -> str:
-    from pyrycode_relay.tls.acme import AcmeSettings
+    from pyrycode_relay.tls.acme import AcmeSettings, ca_bundle_problem
     from pyrycode_relay.tls.certcache import CertCacheRefusal, inspect_cert_cache
     from pyrycode_relay.tls.certs import CertificateError, load_pair
+    from pyrycode_relay.tls.mode import MSG_CA_BUNDLE
 
     if config.acme_ca_bundle:
-        try:
-            ssl.create_default_context(cafile=config.acme_ca_bundle)
-        except (OSError, ssl.SSLError) as exc:
-            reason = getattr(exc, "strerror", None) or "no PEM certificate in the file"
-            raise Refusal(
-                MSG_CA_BUNDLE, {"path": config.acme_ca_bundle, "reason": reason}
-            ) from None
+        problem = ca_bundle_problem(config.acme_ca_bundle)
+        if problem is not None:
+            raise Refusal(MSG_CA_BUNDLE, {"reason": problem})
     try:
         found = inspect_cert_cache(config.cert_cache, euid=os.geteuid(), platform=sys.platform)
     except CertCacheRefusal as exc:
@@ -152,12 +169,13 @@ def _check_acme(config: Config, http_listen: str) -> str:
         cache_dir=config.cert_cache,
         user_agent="",
     )
-    try:
-        cached = _describe(
-            load_pair(settings.cert_path, settings.key_path), dt.datetime.now(dt.UTC)
-        )
-    except CertificateError:
+    if not os.path.exists(settings.cert_path):
         cached = "none yet"  # a start asks the CA
+    else:
+        try:
+            cached = _describe(load_pair(settings.cert_path, settings.key_path))
+        except CertificateError as exc:
+            cached = f"unusable, a start asks the CA for another ({exc})"
     return (
         f"{config.acme_directory}; HTTP-01 on {http_listen}; cache {config.cert_cache}"
         f" ({cache}); cached certificate: {cached}"
@@ -180,11 +198,14 @@ def _check_redis(config: Config) -> str:
     from redis.asyncio import Redis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
-    from redis.exceptions import RedisError
+    from redis.exceptions import AuthenticationError, RedisError
+
+    from pyrycode_relay.cluster.store import OwnershipStore
 
     location = _redis_location(config.cluster_redis)
 
-    async def server_version() -> str:
+    async def ask() -> tuple[str, str | None]:
+        """(the server's version, this --instance-id's live holder or None)."""
         client = Redis.from_url(
             config.cluster_redis,
             socket_timeout=REDIS_TIMEOUT,
@@ -193,21 +214,35 @@ def _check_redis(config: Config) -> str:
         )
         try:
             info = await client.info("server")
+            holder = None
+            if config.instance_id:
+                store = OwnershipStore(client, config.instance_id, config.cluster_lease)
+                holder = (await store.incarnations([config.instance_id]))[config.instance_id]
         finally:
             await client.aclose()
-        return str(info.get("redis_version", "?"))
+        return str(info.get("redis_version", "?")), holder
 
     try:
-        version = asyncio.run(server_version())
+        version, holder = asyncio.run(ask())
     except (RedisError, OSError) as exc:
         # redis-py's messages name the address dialled, never the URL's password.
         said = " ".join(str(exc).split()) or type(exc).__name__
-        reason = f"relay: {location}: {said}"
-        raise Refusal(MSG_REDIS, {"reason": reason}) from None
+        msg = MSG_REDIS_AUTH if isinstance(exc, AuthenticationError) else MSG_REDIS
+        raise Refusal(msg, {"reason": f"relay: {location}: {said}"}) from None
     numbers = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if numbers < MIN_REDIS:
         reason = f"relay: {location} runs Redis {version}; cluster mode needs 7.0 or later"
         raise Refusal(MSG_REDIS_VERSION, {"reason": reason})
+    if holder is not None:
+        wait = format_duration(1.5 * config.cluster_lease)
+        raise Refusal(
+            MSG_INSTANCE_LIVE,
+            {
+                "instance_id": config.instance_id,
+                "reason": f"relay: a live process holds it; a start waits {wait}, then exits 2",
+                "fix": "stop the other process, or give this one another --instance-id",
+            },
+        )
     instance = config.instance_id or "random at start"
     return (
         f"{location} reachable (Redis {version}); instance {instance};"

@@ -93,7 +93,7 @@ def _check_config(config: Config, listeners: Listeners, log: Logger) -> int:
     from pyrycode_relay.checkconfig import check_config, render
 
     try:
-        plan = check_config(config, listeners, os.environ)
+        plan = check_config(config, listeners, os.environ, log)
     except Refusal as refusal:
         refusal.log(log)
         return refusal.exit_code

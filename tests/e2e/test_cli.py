@@ -4,6 +4,7 @@ stdout, one-line refusals in the chosen log format, conflicting modes named."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import socket
 import subprocess
@@ -148,6 +149,53 @@ def test_check_config_static_certificate(tmp_path: Path) -> None:
     assert "days left" in plan["certificate"]
 
 
+def test_check_config_expired_certificate_fails_and_a_foreign_domain_warns(
+    tmp_path: Path,
+) -> None:
+    ca = make_ca()
+    gone = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+    cert, key, _ = write_leaf(ca, tmp_path, "old", ["relay.example.org"], not_after=gone)
+    expired = run(f"--tls-cert={cert}", f"--tls-key={key}", "--check-config")
+    assert (expired.returncode, expired.stdout) == (2, "")
+    [line] = expired.stderr.splitlines()
+    assert 'msg="check failed: tls certificate has expired"' in line
+    cert, key, _ = write_leaf(ca, tmp_path, "new", ["relay.example.org"])
+    other = run(
+        f"--tls-cert={cert}", f"--tls-key={key}", "--domain=other.example.org", "--check-config"
+    )
+    assert other.returncode == 0
+    [line] = other.stderr.splitlines()
+    assert " level=WARN " in line
+    assert 'msg="tls certificate does not name the domain"' in line
+    wildcard, wkey, _ = write_leaf(ca, tmp_path, "wild", ["*.example.org"])
+    covered = run(
+        f"--tls-cert={wildcard}",
+        f"--tls-key={wkey}",
+        "--domain=relay.example.org",
+        "--check-config",
+    )
+    assert (covered.returncode, covered.stderr) == (0, "")
+
+
+def test_a_bad_acme_ca_bundle_is_refused_by_a_start_and_a_check(tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not a certificate\n")
+    flags = (
+        "--domain=relay.example.org",
+        f"--cert-cache={tmp_path / 'certs'}",
+        f"--https-listen=127.0.0.1:{free_port()}",
+        f"--http-listen=127.0.0.1:{free_port()}",
+        f"--acme-ca-bundle={bundle}",
+        "--metrics-listen=",
+    )
+    for extra in ((), ("--check-config",)):
+        done = run(*flags, *extra)
+        assert done.returncode == 2, done.stderr
+        [line] = done.stderr.splitlines()
+        assert 'msg="refusing to start: invalid --acme-ca-bundle"' in line
+        assert "holds no PEM CA certificate" in line
+
+
 def test_check_config_missing_certificate_is_one_line_exit_2(tmp_path: Path) -> None:
     missing = tmp_path / "missing.pem"
     done = run(f"--tls-cert={missing}", f"--tls-key={missing}", "--check-config")
@@ -194,9 +242,18 @@ async def test_check_config_cluster_reaches_redis_and_never_prints_its_password(
         bad = await asyncio.to_thread(check, redis.url.replace("//", "//relay:hunter2-secret@"))
         assert bad.returncode == 2, bad.stdout
         assert "hunter2-secret" not in bad.stdout + bad.stderr
-        assert len(bad.stderr.splitlines()) == 1
+        [line] = bad.stderr.splitlines()
+        assert 'msg="check failed: redis refused the credentials"' in line
+        # An --instance-id a live process holds: a start would wait, then refuse.
+        await redis.command("SET", "pyrycode-relay:instance:i9", "p.1", "PX", "60000")
+        held = await asyncio.to_thread(
+            run, insecure(), f"--cluster-redis={redis.url}", "--instance-id=i9", "--check-config"
+        )
+        assert held.returncode == 2
+        [line] = held.stderr.splitlines()
+        assert 'msg="refusing to start: instance id already live in the cluster"' in line
         await redis.stop()
         down = await asyncio.to_thread(check, redis.url)
     assert down.returncode == 2
     [line] = down.stderr.splitlines()
-    assert 'msg="refusing to start: redis unreachable"' in line
+    assert 'msg="check failed: redis unreachable"' in line

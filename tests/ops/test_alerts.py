@@ -111,6 +111,9 @@ tests:
       - eval_time: 19d
         alertname: PyrycodeRelayCertificateExpired
         exp_alerts: []
+      - eval_time: 21d
+        alertname: PyrycodeRelayCertificateExpiringSoon
+        exp_alerts: []
       - eval_time: 20d
         alertname: PyrycodeRelayCertificateExpired
         exp_alerts:

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -68,6 +69,17 @@ class AcmeSettings:
     @property
     def key_path(self) -> str:
         return os.path.join(self.cache_dir, f"{self.domain}.key")
+
+
+def ca_bundle_problem(path: str) -> str | None:
+    """Why `--acme-ca-bundle` cannot be used to trust the ACME directory, or None."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError:
+        return f"{path} holds no PEM CA certificate"
+    except OSError as exc:
+        return f"{path}: {exc.strerror or type(exc).__name__}"
+    return None
 
 
 def renew_at(not_before: dt.datetime, not_after: dt.datetime) -> dt.datetime:

@@ -175,6 +175,19 @@ def load_pair(cert_path: str, key_path: str) -> LoadedCert:
     )
 
 
+def covers(cert: LoadedCert, domain: str) -> bool:
+    """Whether a client dialling `domain` accepts `cert` by name (a SAN DNS name, or a
+    `*.` wildcard for exactly one label, as RFC 6125 matches)."""
+    want = _normalise(domain)
+    for given in cert.names:
+        name = _normalise(given)
+        if name == want:
+            return True
+        if name.startswith("*.") and "." in want and want.split(".", 1)[1] == name[2:]:
+            return True
+    return False
+
+
 def _normalise(name: str) -> str:
     return name.rstrip(".").lower()
 

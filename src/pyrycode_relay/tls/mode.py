@@ -26,9 +26,9 @@ from pyrycode_relay.core.addresses import ListenAddress, Listeners
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
-from pyrycode_relay.tls.acme import AcmeSettings, AutoCert
+from pyrycode_relay.tls.acme import AcmeSettings, AutoCert, ca_bundle_problem
 from pyrycode_relay.tls.certcache import CertCacheRefusal, prepare_cert_cache
-from pyrycode_relay.tls.certs import CertificateError, CertSwitch, LoadedCert, load_pair
+from pyrycode_relay.tls.certs import CertificateError, CertSwitch, LoadedCert, covers, load_pair
 from pyrycode_relay.tls.proxyfront import ProxyListener, bind_sockets
 from pyrycode_relay.tls.routes import AcmeHttpRouter, HostGate
 from pyrycode_relay.transport.connection import Connection, ConnSettings, Listener, Router, listen
@@ -37,8 +37,51 @@ from pyrycode_relay.transport.connection import Connection, ConnSettings, Listen
 # ERROR). Let's Encrypt's renew with 30 days left, so an ACME one this close means renewal
 # has been failing for two weeks; a static one means the operator's rotation did not run.
 EXPIRY_WARNING = dt.timedelta(days=14)
+MSG_CERTIFICATE = "refusing to start: invalid TLS certificate"
+MSG_CA_BUNDLE = "refusing to start: invalid --acme-ca-bundle"
 FIX_STATIC = "renew the certificate, replace the --tls-cert/--tls-key files, then send SIGHUP"
 FIX_ACME = "renewal is failing: see the 'acme certificate request failed' lines"
+
+
+def days_left(cert: LoadedCert, now: dt.datetime) -> float:
+    """Days until `not_after`, one decimal, negative once expired (logs and the plan)."""
+    return round((cert.not_after - now).total_seconds() / 86400, 1)
+
+
+def announce(log: Logger, cert: LoadedCert, domain: str, fix: str) -> None:
+    """The lines for a certificate we start serving (or `--check-config` would): expired or
+    about to be, or not naming --domain. (A served one that ages into the window is the
+    alert's job: the expiry gauge.)"""
+    now = dt.datetime.now(dt.UTC)
+    if domain and not covers(cert, domain):
+        log.warn(
+            "tls certificate does not name the domain",
+            domain=domain,
+            serial=cert.serial_hex,
+            reason="clients dialling --domain refuse a certificate without that name",
+            fix="use a certificate whose subjectAltName lists --domain, or fix --domain",
+        )
+    left = cert.not_after - now
+    if left > EXPIRY_WARNING:
+        return
+    if left.total_seconds() <= 0:
+        log.error(
+            "tls certificate has expired",
+            serial=cert.serial_hex,
+            not_after=rfc3339(cert.not_after),
+            days_left=days_left(cert, now),
+            reason="not_after is in the past: TLS clients refuse this certificate",
+            fix=fix,
+        )
+        return
+    log.warn(
+        "tls certificate expires soon",
+        serial=cert.serial_hex,
+        not_after=rfc3339(cert.not_after),
+        days_left=days_left(cert, now),
+        reason=f"not_after is less than {EXPIRY_WARNING.days} days away",
+        fix=fix,
+    )
 
 
 def rfc3339(when: dt.datetime) -> str:
@@ -110,12 +153,14 @@ class TlsFrontEnd:
             try:
                 cert = load_pair(config.tls_cert, config.tls_key)
             except CertificateError as exc:
-                raise Refusal(
-                    "refusing to start: invalid TLS certificate", {"reason": str(exc)}
-                ) from None
+                raise Refusal(MSG_CERTIFICATE, {"reason": str(exc)}) from None
             self.log.info("tls certificate loaded", serial=cert.serial_hex)
             self.switch.install(cert)
             return
+        if config.acme_ca_bundle:
+            problem = ca_bundle_problem(config.acme_ca_bundle)
+            if problem is not None:
+                raise Refusal(MSG_CA_BUNDLE, {"reason": problem})
         try:
             tightened = prepare_cert_cache(
                 config.cert_cache, euid=os.geteuid(), platform=sys.platform
@@ -217,31 +262,7 @@ class TlsFrontEnd:
         return None if current is None else current.not_after.timestamp()
 
     def _check_expiry(self, cert: LoadedCert) -> None:
-        """One line when a certificate we start serving is expired or about to be. (A served
-        one that ages into the window is the alert's job: the gauge above.)"""
-        left = cert.not_after - dt.datetime.now(dt.UTC)
-        if left > EXPIRY_WARNING:
-            return
-        days_left = round(left.total_seconds() / 86400, 1)
-        fix = FIX_STATIC if self.static else FIX_ACME
-        if left.total_seconds() <= 0:
-            self.log.error(
-                "tls certificate has expired",
-                serial=cert.serial_hex,
-                not_after=rfc3339(cert.not_after),
-                days_left=days_left,
-                reason="not_after is in the past: TLS clients refuse this certificate",
-                fix=fix,
-            )
-            return
-        self.log.warn(
-            "tls certificate expires soon",
-            serial=cert.serial_hex,
-            not_after=rfc3339(cert.not_after),
-            days_left=days_left,
-            reason=f"not_after is less than {EXPIRY_WARNING.days} days away",
-            fix=fix,
-        )
+        announce(self.log, cert, self.config.domain, FIX_STATIC if self.static else FIX_ACME)
 
     def close(self) -> None:
         if self._task is not None:

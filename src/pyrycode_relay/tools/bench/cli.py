@@ -17,7 +17,7 @@ duration + drain).
     pyrycode-relay bench closed --cluster -d 8 --reps 3      # cross-instance vs single
     pyrycode-relay bench closed --url ws://127.0.0.1:8080 --phone-url ws://127.0.0.1:8081
     pyrycode-relay bench closed --balancer haproxy --reps 3  # hash vs round-robin, 3 instances
-    pyrycode-relay bench closed --url ws://127.0.0.1:8080 --balancer-pid 4321 \
+    pyrycode-relay bench closed --url ws://127.0.0.1:8080 --balancer-pid 4321 \\
         --instance-metrics http://127.0.0.1:9091/metrics,http://127.0.0.1:9092/metrics
     pyrycode-relay bench soak --seconds 600 --connections 200    # leak check (soak.py)
     pyrycode-relay bench memory --connections 10000              # RSS growth (memory.py)
