@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from pyrycode_relay.tls.mode import TlsFrontEnd
 
 RATE_LIMIT_SWEEP_SECONDS = 300.0  # reference §8.3
+STATUS_POLL_SECONDS = 1.0  # how soon systemd's STATUS line follows readiness
 
 
 class LiveConnections(set[Connection]):
@@ -111,8 +112,11 @@ class RelayServer:
                 self.log.error("listener failed", addr=failed.address, err=failed.err)
                 self.log.error("listener error; draining")
                 return ExitCode.RUNTIME
-            self._notify.ready(self._status())
+            status = self._status()
+            self._notify.ready(status)
+            stop_watching = self._watch_status(status)
             await self._stop.wait()
+            stop_watching()
             self._notify.stopping()
             self.log.info("shutdown signal received; draining")
             # Leaving the block stops the TLS tasks and the sweeper, drains, hands this
@@ -156,7 +160,8 @@ class RelayServer:
         if self._tls is not None:
             self._tls.start()
             stack.callback(self._tls.close)
-        self._sweep_rate_limiter(relay, stack)
+        # Rate-limiter buckets idle past their refill are dropped (reference §8.3).
+        stack.callback(self._every(RATE_LIMIT_SWEEP_SECONDS, relay.limiter.sweep))
         if not relay.push.enabled:
             log.info("push off: PYRYCODE_RELAY_FCM_CREDENTIALS unset")
         log.record("info", "starting", self._starting_fields())
@@ -250,20 +255,37 @@ class RelayServer:
                 raise ListenerFailed(address.text, exc.strerror or type(exc).__name__) from None
         return servers
 
-    def _sweep_rate_limiter(self, relay: Relay, stack: contextlib.AsyncExitStack) -> None:
+    def _every(self, seconds: float, tick: Callable[[], object]) -> Callable[[], None]:
+        """Call `tick` every `seconds` on the loop; returns what stops it."""
         loop = asyncio.get_running_loop()
-        sweeper: asyncio.TimerHandle
+        handle: asyncio.TimerHandle
 
-        def sweep() -> None:
-            nonlocal sweeper
-            relay.limiter.sweep()
-            sweeper = loop.call_later(RATE_LIMIT_SWEEP_SECONDS, sweep)
+        def run() -> None:
+            nonlocal handle
+            tick()
+            handle = loop.call_later(seconds, run)
 
         def stop() -> None:
-            sweeper.cancel()  # whichever handle is current by then
+            handle.cancel()  # whichever handle is current by then
 
-        sweeper = loop.call_later(RATE_LIMIT_SWEEP_SECONDS, sweep)
-        stack.callback(stop)
+        handle = loop.call_later(seconds, run)
+        return stop
+
+    def _watch_status(self, sent: str) -> Callable[[], None]:
+        """Tell the service manager when the STATUS line changes (a certificate arrives,
+        Redis goes or comes back); returns what stops it. Nothing without NOTIFY_SOCKET."""
+        if not self._notify.enabled:
+            return lambda: None
+        last = sent
+
+        def check() -> None:
+            nonlocal last
+            status = self._status()
+            if status != last:
+                last = status
+                self._notify.status(status)
+
+        return self._every(STATUS_POLL_SECONDS, check)
 
     def _starting_fields(self) -> dict[str, object]:
         config = self.config

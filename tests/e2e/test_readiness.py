@@ -122,12 +122,21 @@ async def test_static_tls_reload_tells_systemd_reloading_then_ready(tmp_path: Pa
             await relay.wait_log("tls certificate reloaded")
 
 
-async def test_cluster_is_not_ready_while_redis_is_unreachable() -> None:
-    async with redis_server() as redis, start_cluster(redis, 1) as cluster:
-        [relay] = cluster.relays
-        await cluster.wait_ready()
-        await wait_readyz(relay.port, (200, b"ready\n"))
-        await redis.stop()
-        await wait_readyz(relay.port, (503, b"not ready: redis\n"))
-        await redis.start()
-        await wait_readyz(relay.port, (200, b"ready\n"), timeout=10)
+async def test_cluster_is_not_ready_while_redis_is_unreachable(tmp_path: Path) -> None:
+    with notify_socket(tmp_path) as (sock, env):
+        async with redis_server() as redis, start_cluster(redis, 1, env=env) as cluster:
+            [relay] = cluster.relays
+            await cluster.wait_ready()
+            await wait_readyz(relay.port, (200, b"ready\n"))
+            note = await next_notification(sock)
+            assert note["READY"] == "1"
+            if note["STATUS"] != "serving insecure":  # READY came before the bus was up
+                assert await next_notification(sock) == {"STATUS": "serving insecure"}
+            await redis.stop()
+            await wait_readyz(relay.port, (503, b"not ready: redis\n"))
+            # systemd's STATUS line follows readiness, both ways.
+            note = await next_notification(sock)
+            assert note == {"STATUS": "serving insecure; not ready: redis"}
+            await redis.start()
+            await wait_readyz(relay.port, (200, b"ready\n"), timeout=10)
+            assert await next_notification(sock) == {"STATUS": "serving insecure"}
