@@ -71,14 +71,31 @@ def _proc_status() -> str | None:
         return None
 
 
-def _run(config: Config, listeners: Listeners, log: Logger, fcm_credentials: str | None) -> int:
+def _run(
+    config: Config,
+    listeners: Listeners,
+    log: Logger,
+    fcm_credentials: str | None,
+    argv: Sequence[str],
+) -> int:
+    from pyrycode_relay.handover.taker import Predecessor
     from pyrycode_relay.server import RelayServer
 
     notifier = SystemdNotifier(os.environ, lambda err: log.warn("sd_notify failed", err=err))
+    # Set when a relay started us to take over from it (SIGUSR2); taken out of the
+    # environment, so our own successor gets its own.
+    predecessor = Predecessor.from_environ(os.environ)
 
     async def serve() -> ExitCode:
         server = RelayServer(
-            config, listeners, log, __version__, fcm_credentials, notifier=notifier
+            config,
+            listeners,
+            log,
+            __version__,
+            fcm_credentials,
+            notifier=notifier,
+            argv=argv,
+            predecessor=predecessor,
         )
         return await server.run()
 
@@ -143,6 +160,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # The key goes to the push sender only; it is never part of Config (which is printed
         # in errors and tests) nor logged.
-        return _run(config, listeners, log, os.environ.get(ENV_FCM_CREDENTIALS))
+        return _run(config, listeners, log, os.environ.get(ENV_FCM_CREDENTIALS), args)
     except KeyboardInterrupt:
         return ExitCode.OK

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
-from collections.abc import Awaitable, Callable
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from pyrycode_relay.core.addresses import ListenAddress, Listeners
@@ -31,13 +34,34 @@ from pyrycode_relay.ops.push import PushSender
 from pyrycode_relay.ops.readiness import Readiness
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
 from pyrycode_relay.ops.sdnotify import SystemdNotifier
-from pyrycode_relay.transport.connection import Connection, ConnSettings, Listener, listen
+from pyrycode_relay.transport.connection import (
+    Connection,
+    ConnSettings,
+    Listener,
+    Router,
+    adopt_listener,
+    listen,
+)
 
 if TYPE_CHECKING:
     from pyrycode_relay.cluster.placement import ClusterPlacement
+    from pyrycode_relay.handover.taker import Predecessor
     from pyrycode_relay.tls.mode import TlsFrontEnd
 
 RATE_LIMIT_SWEEP_SECONDS = 300.0  # reference §8.3
+
+
+MSG_HANDOVER_FAILED = "handover failed; serving on"
+MSG_HANDOVER_REFUSED = "handover refused; exiting"
+MSG_HANDOVER_TEST = "handover test knob: failing at start"
+
+
+def _socket_fd(conn: Connection) -> int:
+    transport = conn.transport
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
+    fd: int = sock.fileno()
+    return fd
 
 
 class LiveConnections(set[Connection]):
@@ -83,6 +107,8 @@ class RelayServer:
         fcm_credentials: str | None = None,
         *,
         notifier: SystemdNotifier | None = None,
+        argv: Sequence[str] = (),
+        predecessor: Predecessor | None = None,
     ) -> None:
         self.config = config
         self.listeners = listeners  # parsed by the boot checks
@@ -95,6 +121,13 @@ class RelayServer:
         self._tls: TlsFrontEnd | None = None
         self._cluster: ClusterPlacement | None = None
         self._metrics_listener: Listener | None = None
+        # Live handover (SIGUSR2): the arguments a successor starts with, and, in a
+        # successor, the process it takes over from.
+        self._argv = tuple(argv)
+        self._predecessor = predecessor
+        self._upgrade_task: asyncio.Task[None] | None = None
+        self._router_kinds: dict[int, str] = {}  # id(router) → listener kind
+        self._serving: tuple[Relay, list[tuple[str, Listener]], LiveConnections] | None = None
 
     async def run(self) -> ExitCode:
         """Serve until SIGTERM/SIGINT, then drain. A refusal or a listener that cannot be
@@ -150,7 +183,12 @@ class RelayServer:
             self._tls = tls
             self.readiness.require("certificate", lambda: tls.has_certificate)
         live = LiveConnections()
-        servers = await self._open_listeners(relay, live)
+        if self._predecessor is not None:
+            named = await self._take_over(relay, live, self._predecessor)
+        else:
+            named = await self._open_listeners(relay, live)
+        servers = [server for _, server in named]
+        self._serving = (relay, named, live)
         stack.push_async_callback(self._drain, relay, servers, live)
         self.readiness.listening()
         if self._tls is not None:
@@ -181,6 +219,7 @@ class RelayServer:
             signal.SIGTERM: self._stop.set,  # a second one finds the event set: ignored
             signal.SIGINT: self._stop.set,
             signal.SIGHUP: self._on_hangup,
+            signal.SIGUSR2: self._on_upgrade,
         }
         for signum, handler in handlers.items():
             loop.add_signal_handler(signum, handler)
@@ -209,19 +248,10 @@ class RelayServer:
             return "insecure"
         return "static-tls" if config.tls_cert else "autocert"
 
-    async def _open_listeners(self, relay: Relay, live: LiveConnections) -> list[Listener]:
-        """Every listener, in bind order; on a failure the ones already open are closed."""
-        config = self.config
-        settings = ConnSettings.from_config(config)
-        openers: list[tuple[ListenAddress, Callable[[], Awaitable[Listener]]]] = []
-        router = MainRouter(relay, self.readiness)
-        if self._tls is None:
-            address = self.listeners.main
-            openers.append((address, lambda: listen(address, router, settings, live)))
-        else:
-            openers.extend(self._tls.listeners(router, settings, live))
-        metrics_address = self.listeners.metrics
-        if metrics_address is not None:
+    def _routers(self, relay: Relay) -> dict[str, Router]:
+        """The router of each listener kind: "main" (the WebSockets), "metrics"."""
+        routers: dict[str, Router] = {"main": MainRouter(relay, self.readiness)}
+        if self.listeners.metrics is not None:
             exporter = MetricsExporter(
                 relay.stats,
                 relay.placement.counts,
@@ -230,23 +260,177 @@ class RelayServer:
                 tasks=lambda: len(asyncio.all_tasks()),
                 cluster=None if self._cluster is None else self._cluster.figures,
             )
-            metrics = MetricsRouter(exporter, self.readiness)
+            routers["metrics"] = MetricsRouter(exporter, self.readiness)
+        self._router_kinds = {id(router): kind for kind, router in routers.items()}
+        return routers
+
+    async def _open_listeners(
+        self, relay: Relay, live: LiveConnections
+    ) -> list[tuple[str, Listener]]:
+        """Every listener with its kind, in bind order; on a failure the ones already open
+        are closed."""
+        config = self.config
+        settings = ConnSettings.from_config(config)
+        routers = self._routers(relay)
+        openers: list[tuple[str, ListenAddress, Callable[[], Awaitable[Listener]]]] = []
+        router = routers["main"]
+        if self._tls is None:
+            address = self.listeners.main
+            openers.append(("main", address, lambda: listen(address, router, settings, live)))
+        else:
+            tls_openers = self._tls.listeners(router, settings, live)
+            openers.extend(("tls", address, opener) for address, opener in tls_openers)
+        metrics_address = self.listeners.metrics
+        if metrics_address is not None:
+            metrics = routers["metrics"]
 
             async def open_metrics() -> Listener:
                 self.log.info("starting metrics listener", addr=metrics_address.text)
                 self._metrics_listener = await listen(metrics_address, metrics, settings, live)
                 return self._metrics_listener
 
-            openers.append((metrics_address, open_metrics))
-        servers: list[Listener] = []
-        for address, open_listener in openers:
+            openers.append(("metrics", metrics_address, open_metrics))
+        servers: list[tuple[str, Listener]] = []
+        for kind, address, open_listener in openers:
             try:
-                servers.append(await open_listener())
+                servers.append((kind, await open_listener()))
             except OSError as exc:
-                for server in servers:
+                for _, server in servers:
                     server.close()
                 raise ListenerFailed(address.text, exc.strerror or type(exc).__name__) from None
         return servers
+
+    # -- live handover: the successor's side ------------------------------------------
+
+    async def _take_over(
+        self, relay: Relay, live: LiveConnections, predecessor: Predecessor
+    ) -> list[tuple[str, Listener]]:
+        """Take the listeners and connections of the process that started us; serve them
+        once it is gone. A failure before our acknowledgement refuses the handover (the
+        old process serves on) and ends this process."""
+        from pyrycode_relay.handover import snapshot, state
+        from pyrycode_relay.handover.state import HandoverError
+
+        timeout = self.config.handover_timeout
+        settings = ConnSettings.from_config(self.config)
+        routers = self._routers(relay)
+        if predecessor.fails_start:
+            raise Refusal(MSG_HANDOVER_TEST, {"reason": "fail-start"}, exit_code=ExitCode.RUNTIME)
+        deadline = time.monotonic() + timeout
+        try:
+            predecessor.hello(deadline)
+            received = predecessor.receive(time.monotonic() + timeout)
+            deadline = time.monotonic() + timeout
+            blob = state.decode(received.blob, predecessor.expected_format)
+            if len(blob.listeners) != len(received.listeners):
+                raise HandoverError("listener count does not match the state")
+            restored = snapshot.restore(
+                relay, blob, received.conns, routers=routers, settings=settings, live=live
+            )
+        except HandoverError as exc:
+            predecessor.refuse(str(exc), deadline)
+            raise Refusal(
+                MSG_HANDOVER_REFUSED, {"reason": str(exc)}, exit_code=ExitCode.RUNTIME
+            ) from None
+        try:
+            if predecessor.test == "no-ack":
+                predecessor.wait_gone(time.monotonic() + 3600)  # until the old one kills us
+            predecessor.ack(deadline)
+            predecessor.wait_gone(deadline)
+        except HandoverError as exc:
+            # Acknowledged, but the old process did not go: it serves on; so must not we.
+            raise Refusal(
+                MSG_HANDOVER_REFUSED, {"reason": str(exc)}, exit_code=ExitCode.RUNTIME
+            ) from None
+        # The old process is gone: from here on, we serve.
+        named: list[tuple[str, Listener]] = []
+        for kind, sock in zip(blob.listeners, received.listeners, strict=True):
+            server = await adopt_listener(sock, routers[kind], settings, live)
+            if kind == "metrics":
+                self._metrics_listener = server
+            named.append((kind, server))
+        await restored.adopt()
+        restored.start()
+        self.log.info(
+            "handover complete",
+            pid=os.getpid(),
+            connections=len(restored.conns),
+            duration=time.monotonic() - blob.exported_at,
+        )
+        return named
+
+    # -- live handover: the old process's side ----------------------------------------
+
+    def _on_upgrade(self) -> None:
+        if self._upgrade_task is not None or self._stop.is_set() or self._serving is None:
+            self.log.info("upgrade signal ignored", signal="SIGUSR2")
+            return
+        self._upgrade_task = asyncio.create_task(self._upgrade())
+
+    async def _upgrade(self) -> None:
+        """Start the successor and hand everything to it, then exit; on any failure, kill
+        it and serve on as if nothing happened (one log line says why)."""
+        try:
+            await self._hand_over()
+        finally:
+            self._upgrade_task = None
+
+    async def _hand_over(self) -> None:
+        from pyrycode_relay.handover import snapshot, state
+        from pyrycode_relay.handover.giver import Successor
+        from pyrycode_relay.handover.state import HandoverError
+
+        assert self._serving is not None
+        relay, named, live = self._serving
+        log = self.log
+        log.info("upgrade signal received; starting the successor", signal="SIGUSR2")
+        unavailable = self._handover_unavailable()
+        if unavailable:
+            log.warn(MSG_HANDOVER_FAILED, reason=unavailable)
+            return
+        timeout = self.config.handover_timeout
+        try:
+            successor = await Successor.start(self._argv, os.environ, timeout)
+        except HandoverError as exc:
+            log.warn(MSG_HANDOVER_FAILED, reason=str(exc))
+            return
+        # From here to the exit (or the failure) the event loop is held: nothing is read,
+        # written or accepted, so the state exported is the state handed over, and on a
+        # failure every connection simply goes on.
+        began = time.monotonic()
+        try:
+            listener_fds: list[int] = []
+            kinds: list[str] = []
+            for kind, server in named:
+                for sock in getattr(server, "sockets", ()):
+                    listener_fds.append(sock.fileno())
+                    kinds.append(kind)
+            conns, blob = snapshot.export(relay, live, self._router_kinds, kinds)
+            conn_fds = [_socket_fd(conn) for conn in conns]
+            successor.hand_over(listener_fds, conn_fds, state.encode(blob), began + timeout)
+        except Exception as exc:  # whatever failed, the old process serves on
+            successor.kill()
+            reason = str(exc) if isinstance(exc, HandoverError) else type(exc).__name__
+            log.warn(MSG_HANDOVER_FAILED, reason=reason)
+            return
+        self._notify.mainpid(successor.pid)
+        log.info(
+            "handed over; exiting",
+            pid=successor.pid,
+            connections=len(conns),
+            duration=time.monotonic() - began,
+        )
+        sys.stderr.flush()
+        # No close frame, no FIN: the successor holds every socket; our copies just go.
+        os._exit(ExitCode.OK)
+
+    def _handover_unavailable(self) -> str:
+        """Why this process cannot hand over live connections ("" if it can)."""
+        if self._tls is not None:
+            return "TLS mode keeps its connections (restart to drain)"
+        if self._cluster is not None:
+            return "cluster mode keeps its connections (restart to drain)"
+        return ""
 
     def _sweep_rate_limiter(self, relay: Relay, stack: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()

@@ -13,13 +13,16 @@ from pyrycode_relay.transport.timers import ConnTimers, probe
 
 @dataclass(order=True)
 class FakeHandle:
-    when: float
+    at: float
     seq: int
     callback: Callable[[], None] = field(compare=False)
     cancelled: bool = field(default=False, compare=False)
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def when(self) -> float:
+        return self.at
 
 
 class FakeLoop:
@@ -42,9 +45,9 @@ class FakeLoop:
     def advance(self, seconds: float) -> None:
         """Run every callback due by now + seconds, in time order."""
         end = self.now + seconds
-        while self._queue and self._queue[0].when <= end:
+        while self._queue and self._queue[0].at <= end:
             handle = heapq.heappop(self._queue)
-            self.now = handle.when
+            self.now = handle.at
             if not handle.cancelled:
                 handle.callback()
         self.now = end

@@ -23,6 +23,7 @@ from pyrycode_relay.core.envelope import (
 from pyrycode_relay.core.outbox import Item, Outbox
 from pyrycode_relay.core.registry import Register
 from pyrycode_relay.endpoints.roles import ERR_BINARY_GONE, HeldByConnection
+from pyrycode_relay.handover.state import PhoneState
 from pyrycode_relay.transport.connection import Connection
 
 if TYPE_CHECKING:
@@ -81,6 +82,44 @@ class PhoneSession(HeldByConnection):
 
     def start(self) -> None:
         self.relay.placement.admit(self)
+
+    # -- live handover --------------------------------------------------------------
+
+    @property
+    def handable(self) -> bool:
+        """Registered here (an admission still in flight or a phone whose binary is on
+        another instance is not carried)."""
+        return self._registered and self._route is None and not self.outbox.closed
+
+    def export(self) -> PhoneState:
+        outbox = self.outbox
+        return PhoneState(
+            conn_id=self.conn_id,
+            server_id=self.server_id,
+            device_name=self.device_name,
+            remote=self.remote,
+            directed=self._directed,
+            notice_code=self._notice_code,
+            outbox=[(item.frame, item.close_code) for item in outbox.items()],
+            inflight=outbox.inflight,
+        )
+
+    @classmethod
+    def restored(cls, relay: Relay, conn: Connection, state: PhoneState) -> PhoneSession:
+        """The session a predecessor exported, with its outbox; `registered_as` follows
+        once the registry holds it."""
+        session = cls(relay, conn, state.server_id, state.device_name, state.remote)
+        session.conn_id = state.conn_id
+        session._prefix = frame_prefix(state.conn_id)
+        session._directed = state.directed
+        session._notice_code = state.notice_code
+        session.outbox.restore([Item(f, c) for f, c in state.outbox], state.inflight)
+        return session
+
+    def registered_as(self, binary: Binary | None) -> None:
+        """The registry holds this phone (restored) for `binary`."""
+        self._registered = True
+        self._binary = binary
 
     def register_local(self) -> None:
         """Registration with the binary on this instance (4404 when there is none)."""

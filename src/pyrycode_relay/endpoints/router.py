@@ -85,6 +85,7 @@ class MainRouter:
             conn.respond(error_response(503))
             return
         conn.on_release = partial(relay.caps.release, ip)
+        conn.cap_key = ip
         if not all(head.header(name) for name in _REQUIRED[endpoint]):
             stats.upgrade(endpoint, "reject_headers")
             conn.respond(error_response(400))

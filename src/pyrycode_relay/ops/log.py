@@ -57,6 +57,8 @@ ALLOWED_KEYS: frozenset[str] = frozenset(
         "not_after",
         "instance_id",
         "cluster",
+        "pid",
+        "connections",
     }
 )
 

@@ -19,6 +19,7 @@ and the handshake (http.py), the timers (timers.py).
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
@@ -31,6 +32,7 @@ from websockets.protocol import Protocol as WsProtocol
 from pyrycode_relay.core.addresses import ListenAddress
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.core.envelope import is_utf8
+from pyrycode_relay.handover.state import HandoverError, WsState
 from pyrycode_relay.transport.http import (
     WS_LOGGER,
     HeadReader,
@@ -133,6 +135,18 @@ async def listen(
     return await loop.create_server(factory, address.host or None, address.port, backlog=4096)
 
 
+async def adopt_listener(
+    sock: socket.socket, router: Router, settings: ConnSettings, live: set[Connection]
+) -> asyncio.Server:
+    """`listen` over a listening socket a predecessor handed over (live handover)."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> Connection:
+        return Connection(router, settings, live)
+
+    return await loop.create_server(factory, sock=sock, backlog=4096)
+
+
 def _wire_size(payload_length: int) -> int:
     """Bytes a client frame with this payload occupies on the wire: 2 header bytes, the
     extended length (RFC 6455 requires the minimal encoding), and the 4-byte mask every
@@ -159,12 +173,14 @@ class Connection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "_adopting",
         "_backlog_paused",
         "_cork",
         "_cork_bytes",
         "_fragments",
         "_fragments_text",
         "_head",
+        "_head_raw",
         "_live",
         "_loop",
         "_ping_seq",
@@ -172,11 +188,14 @@ class Connection(asyncio.Protocol):
         "_reading_paused",
         "_router",
         "_rx_partial",
+        "_rx_tail",
         "_settings",
         "_timers",
         "_transport_paused",
         "_unparsed",
+        "_unsent",
         "_write_high",
+        "cap_key",
         "closing",
         "handler",
         "on_release",
@@ -195,6 +214,7 @@ class Connection(asyncio.Protocol):
         self._live = live
         self._loop = asyncio.get_running_loop()
         self._head: HeadReader | None = HeadReader()
+        self._head_raw = b""  # the request head's bytes so far (a handover carries them)
         self._timers = ConnTimers(self._loop, settings, self)
         self._pings: dict[bytes, Callable[[], None]] | None = None
         self._ping_seq = 0
@@ -208,6 +228,12 @@ class Connection(asyncio.Protocol):
         self._unparsed: bytes | None = None  # the rest of a large read, parsed in slices
         self._transport_paused = False  # what we last told the transport
         self._rx_partial = 0  # bytes received that no complete frame has accounted for
+        # The reads those `_rx_partial` bytes came in (None when there are none): a handover
+        # replays them into the successor's parser.
+        self._rx_tail: list[bytes] | None = None
+        # The writes whose bytes the transport may still hold (None when its buffer was
+        # seen empty): a handover sends what is left of them from the successor.
+        self._unsent: list[bytes] | None = None
         # Outbound frames held until the end of this loop iteration (see _flush).
         self._cork: list[bytes] = []
         self._cork_bytes = 0
@@ -220,6 +246,8 @@ class Connection(asyncio.Protocol):
         self.write_paused = False
         self.timed_out_reading = False
         self.on_release: Callable[[], None] | None = None  # returns an admission slot
+        self.cap_key: str | None = None  # the key of that slot (a handover re-takes it)
+        self._adopting = False  # handed over: no I/O until `resume_handed`
 
     # -- asyncio.Protocol -----------------------------------------------------------
 
@@ -232,6 +260,12 @@ class Connection(asyncio.Protocol):
             if isinstance(peer, tuple) and peer:
                 self.peer_host = str(peer[0])
         self._live.add(self)
+        if self._adopting:
+            # A socket handed over by a predecessor: nothing is read before what the
+            # predecessor had read is replayed (`resume_handed`).
+            self._transport_paused = True
+            transport.pause_reading()
+            return
         self._timers.start_head()
 
     def data_received(self, data: bytes) -> None:
@@ -241,6 +275,7 @@ class Connection(asyncio.Protocol):
         head_reader = self._head
         if head_reader is None:
             return  # response sent; the rest is ignored until the close completes
+        self._head_raw += data  # bounded: the head reader refuses a head over its limit
         try:
             head = head_reader.feed(data)
         except HttpError as exc:
@@ -265,6 +300,7 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self._unsent = None  # the buffer is empty (the low-water mark is 0)
         self._timers.stop_write()
         if self._backlog_paused:
             self._backlog_paused = False
@@ -306,14 +342,10 @@ class Connection(asyncio.Protocol):
         before any early frame is read. `write_high` is the send-buffer size above which
         writing counts as blocked (0: any unsent byte counts)."""
         head_reader, self._head = self._head, None
+        self._head_raw = b""
         transport = self.transport
         assert transport is not None and head_reader is not None
-        self.ws = WsProtocol(
-            Side.SERVER,
-            state=OPEN,
-            max_size=self._settings.max_message_bytes,
-            logger=WS_LOGGER,
-        )
+        self.ws = self._new_ws()
         self.handler = handler
         write_high = max(write_high, self._settings.write_high_floor)
         self._write_high = write_high
@@ -323,6 +355,14 @@ class Connection(asyncio.Protocol):
         early = head_reader.trailing()
         if early:
             self._ws_data(early)
+
+    def _new_ws(self) -> WsProtocol:
+        return WsProtocol(
+            Side.SERVER,
+            state=OPEN,
+            max_size=self._settings.max_message_bytes,
+            logger=WS_LOGGER,
+        )
 
     # -- WebSocket phase: inbound -------------------------------------------------
 
@@ -394,6 +434,16 @@ class Connection(asyncio.Protocol):
             handler = self.handler
             if handler is not None:
                 handler.on_message(message)
+        if partial:
+            # Keep the raw bytes of the half-received frame (its head may already be in the
+            # parser): only reads that end mid-frame pay for this.
+            tail = self._rx_tail
+            if tail is None or partial <= len(data):
+                self._rx_tail = [data if partial == len(data) else data[-partial:]]
+            else:
+                tail.append(data)
+        elif self._rx_tail is not None:
+            self._rx_tail = None
         self._rx_partial = partial
         self._flush()
         if not self.closing:
@@ -539,7 +589,22 @@ class Connection(asyncio.Protocol):
         self._cork_bytes = 0
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
+            data = cork[0] if len(cork) == 1 else b"".join(cork)
+            # The unsent journal (for a handover): the transport's buffer is always a suffix
+            # of the writes since it was last seen empty. A phone's buffer is empty exactly
+            # while it is not paused (its high-water mark is 0); a binary's is asked.
+            unsent = self._unsent
+            if (
+                unsent is not None
+                and not self.write_paused
+                and not transport.get_write_buffer_size()
+            ):
+                unsent = self._unsent = None
+            transport.write(data)
+            if unsent is not None:
+                unsent.append(data)
+            elif self.write_paused or (self._write_high > 1 and transport.get_write_buffer_size()):
+                self._unsent = [data]
 
     def _stop_timers(self) -> None:
         self._timers.stop_open()
@@ -633,6 +698,126 @@ class Connection(asyncio.Protocol):
         handler = self.handler
         if handler is not None and not self.closing:
             handler.on_heartbeat_timeout()
+
+    # -- live handover ----------------------------------------------------------------
+
+    @property
+    def router(self) -> Router:
+        return self._router
+
+    @property
+    def handable(self) -> bool:
+        """Open, and either still reading its request head or a WebSocket: a handover can
+        carry it. (A connection being closed, or whose head waits for an admission
+        decision, is not carried; it ends with this process.)"""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.closing:
+            return False
+        if self.ws is not None:
+            return self.handler is not None
+        return self._head is not None and self.on_release is None
+
+    def export_head(self) -> bytes:
+        """The request head's bytes received so far."""
+        return self._head_raw
+
+    def export_ws(self) -> WsState:
+        """This WebSocket's transport state, exactly: what the kernel still lacks of our
+        writes, what the parser holds of a half-read frame, what was read and not parsed.
+        Called with the event loop held (nothing is read or written meanwhile)."""
+        ws, transport = self.ws, self.transport
+        assert ws is not None and transport is not None
+        size = transport.get_write_buffer_size()
+        unsent = b""
+        if size:
+            journal = b"".join(self._unsent or ())
+            if len(journal) < size:
+                raise HandoverError("a connection's unsent bytes are not known")
+            unsent = journal[len(journal) - size :]
+        if self._cork:
+            unsent += b"".join(self._cork)
+        rx_tail = b""
+        partial = self._rx_partial
+        if partial:
+            tail = b"".join(self._rx_tail or ())
+            if len(tail) < partial:
+                raise HandoverError("a connection's half-read frame is not known")
+            rx_tail = tail[len(tail) - partial :]
+        fragments = self._fragments
+        pings = self._pings or {}
+        ponged = self._timers.heartbeat_callback
+        return WsState(
+            write_high=self._write_high,
+            unsent=unsent,
+            rx_tail=rx_tail,
+            unparsed=self._unparsed or b"",
+            fragments=None if fragments is None else bytes(fragments),
+            fragments_text=self._fragments_text,
+            reading_paused=self._reading_paused,
+            ping_seq=self._ping_seq,
+            heartbeat_pings=[p for p, cb in pings.items() if cb == ponged],
+            timers=self._timers.export(),
+        )
+
+    def adopt_head(self) -> None:
+        """A handed-over connection still reading its request head; adopt the socket next."""
+        self._adopting = True
+
+    def adopt_ws(self, state: WsState, handler: WsHandler) -> None:
+        """A handed-over WebSocket (before its socket is adopted): open, with `handler`."""
+        self._adopting = True
+        self._head = None
+        self.ws = self._new_ws()
+        self.handler = handler
+        self._write_high = max(state.write_high, self._settings.write_high_floor)
+        self._ping_seq = state.ping_seq
+        self._reading_paused = state.reading_paused
+
+    def resume_head(self, raw: bytes) -> None:
+        """Serve an adopted connection that was reading its request head."""
+        self._adopting = False
+        self._timers.start_head()
+        self._apply_reading()
+        if raw:
+            self.data_received(raw)
+
+    def resume_ws(self, state: WsState, lag: float) -> None:
+        """Serve an adopted WebSocket (every connection of the handover is adopted by now,
+        so what a replayed message triggers reaches its peer): our unsent bytes go first,
+        then the inbound bytes the predecessor held are parsed, then the socket is read.
+        Timers resume with what was left of them, less `lag` (the handover's duration)."""
+        self._adopting = False
+        transport = self.transport
+        assert transport is not None
+        transport.set_write_buffer_limits(high=self._write_high, low=0)
+        if state.unsent:
+            self._cork.append(state.unsent)
+            self._cork_bytes += len(state.unsent)
+            self._uncork()  # may pause writing: the write timer starts then
+        self._timers.restore(state.timers, lag)
+        if state.heartbeat_pings:
+            ponged = self._timers.heartbeat_callback
+            self._pings = dict.fromkeys(state.heartbeat_pings, ponged)
+        replay = b""
+        if state.fragments is not None:
+            # The message's earlier frames, replayed as one frame so that the new parser
+            # expects the continuation (and counts the size) exactly as the old one did.
+            opcode = _TEXT if state.fragments_text else _BINARY
+            replay = Frame(opcode, state.fragments, fin=False).serialize(mask=True)
+        replay += state.rx_tail + state.unparsed
+        if replay:
+            self._ws_data(replay)
+        self._timers.restore_message(state.timers, lag)
+        self._apply_reading()
+        if not self.write_paused:
+            self._loop.call_soon(self._writable)
+
+    def _writable(self) -> None:
+        # After a handover: whatever the endpoint was waiting for (its outbox's batch to
+        # be written, its binary's socket to drain) happened, or will via resume_writing.
+        handler = self.handler
+        if handler is not None and not self.closing and not self.write_paused:
+            handler.on_writable()
 
     # -- close information for the endpoint's teardown ----------------------------
 
