@@ -185,8 +185,10 @@ class Restored:
             assert token is not None
             relay.arm_grace(server_id, token, max(0.0, self.blob.graces[server_id] - lag))
         for conn, _, state in self.conns:
+            if conn.transport is None or conn.closing:
+                continue  # its peer left during the handover: already torn down
             if state.ws is None:
-                conn.resume_head(state.head or b"")
+                conn.resume_head()
             else:
                 conn.resume_ws(state.ws, lag)
 
@@ -218,7 +220,7 @@ def restore(
             raise HandoverError(f"no listener of kind {state.listener}")
         conn = Connection(router, settings, live, state.peer_host)
         if state.ws is None:
-            conn.adopt_head()
+            conn.adopt_head(state.head or b"")
         else:
             if state.binary is not None:
                 binary = BinarySession.restored(relay, conn, state.binary)

@@ -261,8 +261,9 @@ class Connection(asyncio.Protocol):
                 self.peer_host = str(peer[0])
         self._live.add(self)
         if self._adopting:
-            # A socket handed over by a predecessor: nothing is read before what the
-            # predecessor had read is replayed (`resume_handed`).
+            # A socket handed over by a predecessor: nothing is parsed before what the
+            # predecessor had read is replayed (`resume_ws`, `resume_head`); what arrives
+            # meanwhile is kept (uvloop starts reading right after this, paused or not).
             self._transport_paused = True
             transport.pause_reading()
             return
@@ -276,6 +277,8 @@ class Connection(asyncio.Protocol):
         if head_reader is None:
             return  # response sent; the rest is ignored until the close completes
         self._head_raw += data  # bounded: the head reader refuses a head over its limit
+        if self._adopting:
+            return  # parsed by `resume_head`, after what the predecessor had read
         try:
             head = head_reader.feed(data)
         except HttpError as exc:
@@ -759,9 +762,11 @@ class Connection(asyncio.Protocol):
             timers=self._timers.export(),
         )
 
-    def adopt_head(self) -> None:
-        """A handed-over connection still reading its request head; adopt the socket next."""
+    def adopt_head(self, raw: bytes) -> None:
+        """A handed-over connection still reading its request head (`raw` so far); adopt
+        the socket next."""
         self._adopting = True
+        self._head_raw = raw
 
     def adopt_ws(self, state: WsState, handler: WsHandler) -> None:
         """A handed-over WebSocket (before its socket is adopted): open, with `handler`."""
@@ -772,10 +777,12 @@ class Connection(asyncio.Protocol):
         self._write_high = max(state.write_high, self._settings.write_high_floor)
         self._ping_seq = state.ping_seq
         self._reading_paused = state.reading_paused
+        self._unparsed = b""  # collects what arrives before `resume_ws` (see _ws_data)
 
-    def resume_head(self, raw: bytes) -> None:
+    def resume_head(self) -> None:
         """Serve an adopted connection that was reading its request head."""
         self._adopting = False
+        raw, self._head_raw = self._head_raw, b""
         self._timers.start_head()
         self._apply_reading()
         if raw:
@@ -804,7 +811,8 @@ class Connection(asyncio.Protocol):
             # expects the continuation (and counts the size) exactly as the old one did.
             opcode = _TEXT if state.fragments_text else _BINARY
             replay = Frame(opcode, state.fragments, fin=False).serialize(mask=True)
-        replay += state.rx_tail + state.unparsed
+        early, self._unparsed = self._unparsed or b"", None
+        replay += state.rx_tail + state.unparsed + early
         if replay:
             self._ws_data(replay)
         self._timers.restore_message(state.timers, lag)

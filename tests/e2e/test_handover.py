@@ -1,0 +1,371 @@
+"""Live handover (SIGUSR2), end to end: real clients, the real relay, a real successor.
+
+Every test sends SIGUSR2 to the relay the harness started. On success the old process exits
+0 and its successor (started by it, so not the harness's child) serves on the same sockets;
+the successor's log goes to the same stderr pipe, and `Upgrades` kills it when the test
+ends, so no process outlives its test. The failure tests make the successor fail with the
+test-only knob `PYRYCODE_HANDOVER_TEST` (handover/taker.py), which only a successor reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.protocol import State
+
+from tests.e2e.harness import (
+    FAST_TIMERS,
+    RawWs,
+    Relay,
+    binary,
+    encode_frame,
+    paired,
+    phone,
+    recv_json,
+    start_relay,
+)
+
+HANDOVER = "--handover-timeout=5s"
+COMPLETE = 'msg="handover complete"'
+FAILED = 'msg="handover failed; serving on"'
+KIB = 1024
+TEST_KNOB = "PYRYCODE_HANDOVER_TEST"
+
+
+class Upgrades:
+    """Sends SIGUSR2 and follows the relay to its successors; kills them at the end."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.pids: list[int] = []
+
+    async def upgrade(self) -> int:
+        """One successful handover: the successor's pid, once the old process is gone."""
+        relay = self.relay
+        done = relay.count_log(COMPLETE)
+        os.kill(self.current, signal.SIGUSR2)
+        async with asyncio.timeout(15):
+            while relay.count_log(COMPLETE) == done:
+                await asyncio.sleep(0.02)
+        line = [x for x in relay.lines if COMPLETE in x][-1]
+        match = re.search(r"pid=(\d+)", line)
+        assert match is not None, line
+        old = self.current
+        pid = int(match[1])
+        self.pids.append(pid)
+        await wait_gone(old)
+        if old == relay.proc.pid:
+            assert await relay.proc.wait() == 0
+        return pid
+
+    @property
+    def current(self) -> int:
+        return self.pids[-1] if self.pids else self.relay.proc.pid
+
+    async def kill_all(self) -> None:
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in self.pids:
+            await wait_gone(pid)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, not yet reaped by whoever adopted it, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+async def wait_gone(pid: int, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while _alive(pid):
+            await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def relay_with_upgrades(
+    *flags: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[Relay, Upgrades]]:
+    async with start_relay(HANDOVER, *flags, env=env) as relay:
+        upgrades = Upgrades(relay)
+        try:
+            yield relay, upgrades
+        finally:
+            await upgrades.kill_all()
+
+
+def envelope(conn_id: str, frame: Any) -> str:
+    return json.dumps({"conn_id": conn_id, "frame": frame})
+
+
+class Traffic:
+    """Numbered frames flowing both ways between a binary and its phones, continuously,
+    and what each side received."""
+
+    def __init__(self, b: ClientConnection, phones: dict[str, ClientConnection]) -> None:
+        self.b = b
+        self.phones = phones
+        self.up_sent = dict.fromkeys(phones, 0)
+        self.down_sent = dict.fromkeys(phones, 0)
+        self.up_got: dict[str, list[int]] = {cid: [] for cid in phones}
+        self.down_got: dict[str, list[int]] = {cid: [] for cid in phones}
+        self.other: list[Any] = []  # what the binary got that is not numbered traffic
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._read_binary()))
+        for cid, p in self.phones.items():
+            self._tasks.append(asyncio.create_task(self._send_up(cid, p)))
+            self._tasks.append(asyncio.create_task(self._read_phone(cid, p)))
+        self._tasks.append(asyncio.create_task(self._send_down()))
+
+    async def _send_up(self, cid: str, p: ClientConnection) -> None:
+        for n in range(100_000):  # bounded; stopped long before
+            if self._stop.is_set():
+                return
+            await p.send(json.dumps({"up": n}))
+            self.up_sent[cid] = n + 1
+            await asyncio.sleep(0.002)
+
+    async def _send_down(self) -> None:
+        for n in range(100_000):
+            if self._stop.is_set():
+                return
+            for cid in self.phones:
+                await self.b.send(envelope(cid, {"down": n}))
+                self.down_sent[cid] = n + 1
+            await asyncio.sleep(0.002)
+
+    async def _read_binary(self) -> None:
+        async for raw in self.b:
+            env = json.loads(raw)
+            frame = env.get("frame")
+            if isinstance(frame, dict) and "up" in frame and env["conn_id"] in self.up_got:
+                self.up_got[env["conn_id"]].append(frame["up"])
+            else:
+                self.other.append(env)
+
+    async def _read_phone(self, cid: str, p: ClientConnection) -> None:
+        async for raw in p:
+            self.down_got[cid].append(json.loads(raw)["down"])
+
+    async def stop_and_settle(self, timeout: float = 10.0) -> None:
+        """Stop sending; wait until everything sent has arrived (or the deadline)."""
+        self._stop.set()
+        async with asyncio.timeout(timeout):
+            while any(len(self.up_got[c]) < self.up_sent[c] for c in self.phones) or any(
+                len(self.down_got[c]) < self.down_sent[c] for c in self.phones
+            ):
+                await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def assert_exact(self) -> None:
+        for cid in self.phones:
+            assert self.up_got[cid] == list(range(self.up_sent[cid])), cid
+            assert self.down_got[cid] == list(range(self.down_sent[cid])), cid
+
+
+class PingingPhone:
+    """A raw phone that reads everything, answers pings and notes when they came."""
+
+    def __init__(self, raw: RawWs) -> None:
+        self.raw = raw
+        self.pings: list[float] = []
+        self.frames: list[bytes] = []
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await self._read_frames()
+
+    async def _read_frames(self) -> None:
+        for _ in range(100_000):
+            opcode, payload = await self.raw.read_frame(timeout=30)
+            if opcode == 0x9:
+                self.pings.append(time.monotonic())
+                self.raw.writer.write(encode_frame(0xA, payload))
+            elif opcode == 0x8:
+                return
+            else:
+                self.frames.append(payload)
+
+
+async def test_handover_keeps_every_connection_and_every_frame() -> None:
+    timers = [t for t in FAST_TIMERS if not t.startswith("--heartbeat")]
+    flags = [*timers, "--heartbeat-interval=300ms", "--heartbeat-timeout=20s"]
+    flags += ["--phone-outbox-bytes=32MiB", "--max-buffered-bytes=64MiB"]
+    async with relay_with_upgrades(*flags) as (relay, upgrades):
+        b, p1, cid1 = await paired(relay, "srv-ho")
+        p2 = await phone(relay, "srv-ho")
+        await p2.send('{"hi":2}')
+        cid2 = (await recv_json(b))["conn_id"]
+        # A phone that never reads: its socket fills, then its outbox holds the rest.
+        stalled = await RawWs.connect(relay, "client", "srv-ho")
+        stalled.send_frame(0x1, b'{"hi":"stalled"}')
+        cid_stalled = (await recv_json(b))["conn_id"]
+        flood = 96
+        for n in range(flood):
+            await b.send(envelope(cid_stalled, {"flood": n, "pad": "x" * (64 * KIB)}))
+        # A raw phone that answers pings, with a message left half-sent across the handover:
+        # one complete fragment and half of the final one.
+        raw = await RawWs.connect(relay, "client", "srv-ho")
+        pinging = PingingPhone(raw)
+        raw.send_frame(0x1, b'{"raw":"hello"}')
+        cid_raw = (await recv_json(b))["conn_id"]
+        last = encode_frame(0x0, b'"across"}', fin=True)
+        raw.writer.write(encode_frame(0x1, b'{"frag":', fin=False) + last[:5])
+        # The binary's frames are handled in order: once p1 has this one, the flood is queued.
+        await b.send(envelope(cid1, {"mark": 1}))
+        assert await recv_json(p1) == {"mark": 1}
+        before = await relay.healthz()
+        assert (before["connected_binaries"], before["connected_phones"]) == (1, 4)
+
+        traffic = Traffic(b, {cid1: p1, cid2: p2})
+        traffic.start()
+        try:
+            async with asyncio.timeout(10):
+                while min(traffic.up_sent.values()) < 20:
+                    await asyncio.sleep(0.01)
+            old = relay.proc.pid
+            new = await upgrades.upgrade()
+            handed_at = time.monotonic()
+            assert new != old and _alive(new) and not _alive(old)
+            raw.writer.write(last[5:])  # the rest of the half-sent message
+            mark = max(traffic.up_sent.values())
+            async with asyncio.timeout(10):
+                while min(traffic.up_sent.values()) < mark + 20:
+                    await asyncio.sleep(0.01)
+            await traffic.stop_and_settle()
+        finally:
+            await traffic.close()
+        traffic.assert_exact()
+        assert min(traffic.up_sent.values()) > 40  # traffic flowed across the handover
+
+        # The message that spanned the handover arrived whole, from the same conn_id.
+        assert {"conn_id": cid_raw, "frame": {"frag": "across"}} in traffic.other
+        # The stalled phone gets every queued frame, in order, once it reads.
+        got = []
+        for _ in range(flood):
+            opcode, payload = await stalled.read_frame(timeout=10)
+            while opcode == 0x9:  # heartbeat pings, queued behind the flood
+                opcode, payload = await stalled.read_frame(timeout=10)
+            got.append(json.loads(payload)["flood"])
+        assert got == list(range(flood))
+        # Heartbeats go on in the successor (every 300 ms; the raw phone answers them).
+        async with asyncio.timeout(5):
+            while not [t for t in pinging.pings if t > handed_at + 0.1]:
+                await asyncio.sleep(0.02)
+        # Nobody was closed; the registry is the same; a newcomer is served.
+        for ws in (b, p1, p2):
+            assert ws.state is State.OPEN
+        assert not pinging.task.done()
+        after = await relay.healthz()
+        assert (after["connected_binaries"], after["connected_phones"]) == (1, 4)
+        assert after["uptime_seconds"] >= before["uptime_seconds"]
+        late = await phone(relay, "srv-ho")
+        await late.send('{"late":1}')
+        env = await recv_json(b)
+        assert env["frame"] == {"late": 1} and env["conn_id"] not in (cid1, cid2)
+        # Phones still reach the binary with their old conn_ids, and back.
+        await p1.send('{"again":1}')
+        assert await recv_json(b) == {"conn_id": cid1, "frame": {"again": 1}}
+        await b.send(envelope(cid2, {"back": 1}))
+        assert await recv_json(p2) == {"back": 1}
+        pinging.task.cancel()
+        assert relay.count_log("level=ERROR") == 0
+        await asyncio.gather(pinging.task, return_exceptions=True)
+
+
+async def test_a_second_handover_follows_the_first() -> None:
+    async with relay_with_upgrades() as (relay, upgrades):
+        b, p, cid = await paired(relay, "srv-twice")
+        first = await upgrades.upgrade()
+        second = await upgrades.upgrade()
+        assert first != second and not _alive(first)
+        await p.send('{"n":1}')
+        assert await recv_json(b) == {"conn_id": cid, "frame": {"n": 1}}
+        await b.send(envelope(cid, {"n": 2}))
+        assert await recv_json(p) == {"n": 2}
+
+
+async def test_grace_window_survives_the_handover() -> None:
+    """A binary gone just before the handover: its phones wait out the same grace window in
+    the successor, then are closed 1000 as usual; a binary back in time reclaims its id."""
+    async with relay_with_upgrades("--grace-period=1500ms") as (relay, upgrades):
+        b, p, _ = await paired(relay, "srv-grace")
+        await b.close()
+        await relay.wait_counts(0, 1)
+        await upgrades.upgrade()
+        assert await relay.counts() == (0, 1)
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async with asyncio.timeout(5):
+                await p.recv()
+        assert p.close_code == 1000
+        await relay.wait_counts(0, 0)
+
+
+async def serving_after_failure(relay: Relay, b: ClientConnection, p: ClientConnection) -> None:
+    """The old process serves every connection, as before."""
+    assert relay.proc.returncode is None
+    await p.send('{"after":1}')
+    env = await recv_json(b)
+    assert env["frame"] == {"after": 1}
+    await b.send(envelope(env["conn_id"], {"back": 1}))
+    assert await recv_json(p) == {"back": 1}
+    late = await binary(relay, "srv-late")
+    assert late.state is State.OPEN
+    await relay.wait_counts(2, 1)
+
+
+async def test_successor_that_cannot_start_leaves_the_old_process_serving() -> None:
+    async with relay_with_upgrades(env={TEST_KNOB: "fail-start"}) as (relay, _):
+        b, p, _ = await paired(relay, "srv-fail")
+        os.kill(relay.proc.pid, signal.SIGUSR2)
+        line = await relay.wait_log(FAILED, timeout=15)
+        assert 'reason="successor exited before it was ready"' in line
+        await serving_after_failure(relay, b, p)
+
+
+async def test_successor_that_cannot_read_the_state_leaves_the_old_process_serving() -> None:
+    async with relay_with_upgrades(env={TEST_KNOB: "format=999"}) as (relay, _):
+        b, p, _ = await paired(relay, "srv-format")
+        await p.send('{"before":1}')
+        await recv_json(b)
+        os.kill(relay.proc.pid, signal.SIGUSR2)
+        line = await relay.wait_log(FAILED, timeout=15)
+        assert "successor refused: state format 1, this version reads 999" in line
+        await serving_after_failure(relay, b, p)
+        assert relay.count_log(COMPLETE) == 0
+
+
+async def test_successor_that_never_acknowledges_is_killed() -> None:
+    async with relay_with_upgrades("--handover-timeout=1s", env={TEST_KNOB: "no-ack"}) as (
+        relay,
+        _,
+    ):
+        b, p, _ = await paired(relay, "srv-noack")
+        os.kill(relay.proc.pid, signal.SIGUSR2)
+        line = await relay.wait_log(FAILED, timeout=15)
+        assert 'reason="timed out"' in line
+        await serving_after_failure(relay, b, p)
+        assert relay.count_log(COMPLETE) == 0
