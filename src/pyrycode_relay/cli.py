@@ -44,6 +44,7 @@ def help_text() -> str:
         "       pyrycode-relay --check-config [FLAGS]  check the configuration, print the plan\n"
         "       pyrycode-relay probe [OPTIONS] URL     check a running relay (probe --help)\n"
         "       pyrycode-relay bench SCENARIO [...]    measure a relay under load (bench --help)\n"
+        "       pyrycode-relay upgrade PID             hand a running relay over to a new process\n"
         "\n"
         "Modes (exactly one):\n"
         "  --insecure-listen ADDR          plain HTTP behind a TLS-terminating proxy\n"
@@ -58,7 +59,9 @@ def help_text() -> str:
         f"  {ENV_SINGLE_INSTANCE + '=1':<34} assert one instance where FLY_APP_NAME is set\n"
         f"  {'NOTIFY_SOCKET':<34} set by systemd (Type=notify): READY, RELOADING, STOPPING\n"
         "\n"
-        "Signals: SIGTERM/SIGINT drain (close 1001), SIGHUP reloads static TLS files.\n"
+        "Signals: SIGTERM/SIGINT drain (close 1001), SIGHUP reloads static TLS files,\n"
+        "SIGUSR2 hands listeners and connections to a new process (insecure mode keeps\n"
+        "every WebSocket; TLS modes drain theirs).\n"
         "Exit codes: 0 clean exit, 1 runtime or listener failure, 2 configuration refused.\n"
     )
 
@@ -124,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pyrycode_relay.tools.probe import main as probe_main
 
         return probe_main(args[1:])
+    if args[:1] == ["upgrade"]:  # operator subcommand: SIGUSR2 and wait for the outcome
+        from pyrycode_relay.handover.command import main as upgrade_main
+
+        return upgrade_main(args[1:])
     if args[:1] == ["bench"]:  # tooling subcommand: load and measurement
         from pyrycode_relay.tools.bench.cli import main as bench_main
 

@@ -32,6 +32,8 @@ from tests.e2e.harness import (
     paired,
     phone,
     recv_json,
+    relay_command,
+    run_command,
     start_relay,
 )
 
@@ -369,3 +371,26 @@ async def test_successor_that_never_acknowledges_is_killed() -> None:
         assert 'reason="timed out"' in line
         await serving_after_failure(relay, b, p)
         assert relay.count_log(COMPLETE) == 0
+
+
+async def test_upgrade_command_waits_for_the_outcome() -> None:
+    async with relay_with_upgrades() as (relay, upgrades):
+        b, p, cid = await paired(relay, "srv-cmd")
+        old = relay.proc.pid
+        code, out = await run_command(relay_command("upgrade", str(old)))
+        match = re.search(r"upgraded: (\d+) handed over to (\d+)", out)
+        if match:
+            upgrades.pids.append(int(match[2]))
+        assert code == 0 and match and int(match[1]) == old, out
+        assert await relay.proc.wait() == 0
+        await p.send('{"n":1}')
+        assert await recv_json(b) == {"conn_id": cid, "frame": {"n": 1}}
+
+
+async def test_upgrade_command_reports_a_failed_handover() -> None:
+    async with relay_with_upgrades(env={TEST_KNOB: "format=2"}) as (relay, _):
+        b, p, _ = await paired(relay, "srv-cmd-fail")
+        code, out = await run_command(relay_command("upgrade", str(relay.proc.pid)))
+        assert code == 1 and "the handover failed" in out, out
+        await relay.wait_log(FAILED)
+        await serving_after_failure(relay, b, p)
