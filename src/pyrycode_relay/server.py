@@ -17,15 +17,17 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from pyrycode_relay.core.addresses import ListenAddress, Listeners
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.endpoints.relay import Relay
 from pyrycode_relay.endpoints.router import MainRouter, MetricsRouter
+from pyrycode_relay.handover.state import KIND_ACME, KIND_HTTPS, KIND_MAIN, KIND_METRICS
 from pyrycode_relay.ops import logbridge
 from pyrycode_relay.ops.boot import ENV_FCM_CREDENTIALS, MSG_ENV, REASON_FCM_CREDENTIALS
 from pyrycode_relay.ops.log import Logger
@@ -127,6 +129,8 @@ class RelayServer:
         self._predecessor = predecessor
         self._upgrade_task: asyncio.Task[None] | None = None
         self._router_kinds: dict[int, str] = {}  # id(router) → listener kind
+        self._routers_by_kind: dict[str, Router] = {}
+        self._handed_over = False  # a TLS mode's listeners went to a successor: draining
         self._serving: tuple[Relay, list[tuple[str, Listener]], LiveConnections] | None = None
 
     async def run(self) -> ExitCode:
@@ -146,8 +150,9 @@ class RelayServer:
                 return ExitCode.RUNTIME
             self._notify.ready(self._status())
             await self._stop.wait()
-            self._notify.stopping()
-            self.log.info("shutdown signal received; draining")
+            if not self._handed_over:  # else the service goes on, in the successor
+                self._notify.stopping()
+                self.log.info("shutdown signal received; draining")
             # Leaving the block stops the TLS tasks and the sweeper, drains, hands this
             # instance's ids back to the cluster and closes the push sender, in that order.
         return ExitCode.OK
@@ -249,8 +254,11 @@ class RelayServer:
         return "static-tls" if config.tls_cert else "autocert"
 
     def _routers(self, relay: Relay) -> dict[str, Router]:
-        """The router of each listener kind: "main" (the WebSockets), "metrics"."""
-        routers: dict[str, Router] = {"main": MainRouter(relay, self.readiness)}
+        """The router of each listener kind: the WebSockets' and the metrics listener's
+        (made once: a handover's restored connections and the listeners share them)."""
+        if self._routers_by_kind:
+            return self._routers_by_kind
+        routers: dict[str, Router] = {KIND_MAIN: MainRouter(relay, self.readiness)}
         if self.listeners.metrics is not None:
             exporter = MetricsExporter(
                 relay.stats,
@@ -260,36 +268,48 @@ class RelayServer:
                 tasks=lambda: len(asyncio.all_tasks()),
                 cluster=None if self._cluster is None else self._cluster.figures,
             )
-            routers["metrics"] = MetricsRouter(exporter, self.readiness)
+            routers[KIND_METRICS] = MetricsRouter(exporter, self.readiness)
         self._router_kinds = {id(router): kind for kind, router in routers.items()}
+        self._routers_by_kind = routers
         return routers
 
     async def _open_listeners(
-        self, relay: Relay, live: LiveConnections
+        self,
+        relay: Relay,
+        live: LiveConnections,
+        adopted: Mapping[str, list[socket.socket]] | None = None,
     ) -> list[tuple[str, Listener]]:
-        """Every listener with its kind, in bind order; on a failure the ones already open
-        are closed."""
+        """Every listener with its kind, in bind order (or, in a live handover's successor,
+        over the `adopted` listening sockets of each kind); on a failure the ones already
+        open are closed."""
         config = self.config
         settings = ConnSettings.from_config(config)
         routers = self._routers(relay)
         openers: list[tuple[str, ListenAddress, Callable[[], Awaitable[Listener]]]] = []
-        router = routers["main"]
+        router = routers[KIND_MAIN]
+
+        async def bind_or_adopt(kind: str, address: ListenAddress, router: Router) -> Listener:
+            if adopted is None:
+                return await listen(address, router, settings, live)
+            return await adopt_listener(adopted[kind], router, settings, live)
+
         if self._tls is None:
             address = self.listeners.main
-            openers.append(("main", address, lambda: listen(address, router, settings, live)))
+            openers.append((KIND_MAIN, address, lambda: bind_or_adopt(KIND_MAIN, address, router)))
         else:
-            tls_openers = self._tls.listeners(router, settings, live)
-            openers.extend(("tls", address, opener) for address, opener in tls_openers)
+            openers.extend(self._tls.listeners(router, settings, live, adopted))
         metrics_address = self.listeners.metrics
         if metrics_address is not None:
-            metrics = routers["metrics"]
+            metrics = routers[KIND_METRICS]
 
             async def open_metrics() -> Listener:
-                self.log.info("starting metrics listener", addr=metrics_address.text)
-                self._metrics_listener = await listen(metrics_address, metrics, settings, live)
-                return self._metrics_listener
+                if adopted is None:
+                    self.log.info("starting metrics listener", addr=metrics_address.text)
+                listener = await bind_or_adopt(KIND_METRICS, metrics_address, metrics)
+                self._metrics_listener = listener
+                return listener
 
-            openers.append(("metrics", metrics_address, open_metrics))
+            openers.append((KIND_METRICS, metrics_address, open_metrics))
         servers: list[tuple[str, Listener]] = []
         for kind, address, open_listener in openers:
             try:
@@ -314,6 +334,7 @@ class RelayServer:
         timeout = self.config.handover_timeout
         settings = ConnSettings.from_config(self.config)
         routers = self._routers(relay)
+        kinds = self._listener_kinds()
         if predecessor.fails_start:
             raise Refusal(MSG_HANDOVER_TEST, {"reason": "fail-start"}, exit_code=ExitCode.RUNTIME)
         deadline = time.monotonic() + timeout
@@ -324,6 +345,8 @@ class RelayServer:
             blob = state.decode(received.blob, predecessor.expected_format)
             if len(blob.listeners) != len(received.listeners):
                 raise HandoverError("listener count does not match the state")
+            if set(blob.listeners) != kinds:
+                raise HandoverError("the listeners differ from this configuration's")
             restored = snapshot.restore(
                 relay, blob, received.conns, routers=routers, settings=settings, live=live
             )
@@ -336,19 +359,22 @@ class RelayServer:
             if predecessor.test == "no-ack":
                 predecessor.wait_gone(time.monotonic() + 3600)  # until the old one kills us
             predecessor.ack(deadline)
-            predecessor.wait_gone(deadline)
+            if blob.drain:
+                # Listeners only: the old process stopped accepting when we acknowledged,
+                # and drains its own connections (TLS sessions cannot leave it).
+                predecessor.channel.close()
+            else:
+                predecessor.wait_gone(deadline)
         except HandoverError as exc:
             # Acknowledged, but the old process did not go: it serves on; so must not we.
             raise Refusal(
                 MSG_HANDOVER_REFUSED, {"reason": str(exc)}, exit_code=ExitCode.RUNTIME
             ) from None
-        # The old process is gone: from here on, we serve.
-        named: list[tuple[str, Listener]] = []
+        # The old process is gone (or, draining, no longer accepts): from here on, we serve.
+        adopted: dict[str, list[socket.socket]] = {}
         for kind, sock in zip(blob.listeners, received.listeners, strict=True):
-            server = await adopt_listener(sock, routers[kind], settings, live)
-            if kind == "metrics":
-                self._metrics_listener = server
-            named.append((kind, server))
+            adopted.setdefault(kind, []).append(sock)
+        named = await self._open_listeners(relay, live, adopted)
         await restored.adopt()
         restored.start()
         self.log.info(
@@ -396,7 +422,8 @@ class RelayServer:
             return
         # From here to the exit (or the failure) the event loop is held: nothing is read,
         # written or accepted, so the state exported is the state handed over, and on a
-        # failure every connection simply goes on.
+        # failure every connection simply goes on. TLS modes hand over listeners only.
+        drain = self._tls is not None
         began = time.monotonic()
         try:
             listener_fds: list[int] = []
@@ -405,7 +432,9 @@ class RelayServer:
                 for sock in getattr(server, "sockets", ()):
                     listener_fds.append(sock.fileno())
                     kinds.append(kind)
-            conns, blob = snapshot.export(relay, live, self._router_kinds, kinds)
+            conns, blob = snapshot.export(
+                relay, () if drain else live, self._router_kinds, kinds, drain=drain
+            )
             conn_fds = [_socket_fd(conn) for conn in conns]
             successor.hand_over(listener_fds, conn_fds, state.encode(blob), began + timeout)
         except Exception as exc:  # whatever failed, the old process serves on
@@ -414,6 +443,20 @@ class RelayServer:
             log.warn(MSG_HANDOVER_FAILED, reason=reason)
             return
         self._notify.mainpid(successor.pid)
+        if drain:
+            # The successor accepts from now on; we stop before the loop runs again, then
+            # drain our connections (close 1001) and exit, as at a restart.
+            for _, server in named:
+                server.close()
+            self._handed_over = True
+            log.info(
+                "handed over listeners; draining",
+                pid=successor.pid,
+                duration=time.monotonic() - began,
+            )
+            successor.channel.close()
+            self._stop.set()
+            return
         log.info(
             "handed over; exiting",
             pid=successor.pid,
@@ -424,10 +467,17 @@ class RelayServer:
         # No close frame, no FIN: the successor holds every socket; our copies just go.
         os._exit(ExitCode.OK)
 
+    def _listener_kinds(self) -> set[str]:
+        """The kinds of listener this configuration opens (a handover must carry them)."""
+        kinds = {KIND_MAIN} if self._tls is None else {KIND_HTTPS}
+        if self._tls is not None and not self._tls.static:
+            kinds.add(KIND_ACME)
+        if self.listeners.metrics is not None:
+            kinds.add(KIND_METRICS)
+        return kinds
+
     def _handover_unavailable(self) -> str:
         """Why this process cannot hand over live connections ("" if it can)."""
-        if self._tls is not None:
-            return "TLS mode keeps its connections (restart to drain)"
         if self._cluster is not None:
             return "cluster mode keeps its connections (restart to drain)"
         return ""

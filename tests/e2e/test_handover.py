@@ -17,17 +17,20 @@ import re
 import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.protocol import State
 
+from tests.certs import make_ca, write_leaf
 from tests.e2e.harness import (
     FAST_TIMERS,
     RawWs,
     Relay,
     binary,
+    closed_with,
     encode_frame,
     paired,
     phone,
@@ -36,6 +39,7 @@ from tests.e2e.harness import (
     run_command,
     start_relay,
 )
+from tests.e2e.tlsharness import DOMAIN, client_context, start_tls_relay, tls_binary, tls_phone
 
 HANDOVER = "--handover-timeout=5s"
 COMPLETE = 'msg="handover complete"'
@@ -67,7 +71,7 @@ class Upgrades:
         self.pids.append(pid)
         await wait_gone(old)
         if old == relay.proc.pid:
-            assert await relay.proc.wait() == 0
+            assert await exit_code(relay) == 0
         return pid
 
     @property
@@ -90,6 +94,15 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state not in ("Z", "X")
+
+
+async def exit_code(relay: Relay, timeout: float = 10.0) -> int:
+    """The old process's exit code. (Not `proc.wait()`: that also waits for its output
+    pipes to close, and the successor inherited them.)"""
+    async with asyncio.timeout(timeout):
+        while relay.proc.returncode is None:
+            await asyncio.sleep(0.02)
+    return relay.proc.returncode
 
 
 async def wait_gone(pid: int, timeout: float = 10.0) -> None:
@@ -382,7 +395,7 @@ async def test_upgrade_command_waits_for_the_outcome() -> None:
         if match:
             upgrades.pids.append(int(match[2]))
         assert code == 0 and match and int(match[1]) == old, out
-        assert await relay.proc.wait() == 0
+        assert await exit_code(relay) == 0
         await p.send('{"n":1}')
         assert await recv_json(b) == {"conn_id": cid, "frame": {"n": 1}}
 
@@ -394,3 +407,38 @@ async def test_upgrade_command_reports_a_failed_handover() -> None:
         assert code == 1 and "the handover failed" in out, out
         await relay.wait_log(FAILED)
         await serving_after_failure(relay, b, p)
+
+
+async def test_static_tls_hands_over_listeners_and_drains_its_websockets(
+    tmp_path: Path,
+) -> None:
+    """TLS sessions cannot leave the process: the successor takes the listening socket
+    (no refused connection at any moment) and the old process closes its WebSockets 1001,
+    as at a restart, then exits 0."""
+    ca = make_ca()
+    cert, key, _ = write_leaf(ca, tmp_path, "relay", [DOMAIN])
+    ctx = client_context(ca.pem)
+    flags = (f"--tls-cert={cert}", f"--tls-key={key}", HANDOVER)
+    async with start_tls_relay(*flags) as relay:
+        upgrades = Upgrades(relay)
+        try:
+            b = await tls_binary(relay.port, ctx, "s-tls")
+            p = await tls_phone(relay.port, ctx, "s-tls")
+            os.kill(relay.proc.pid, signal.SIGUSR2)
+            line = await relay.wait_log(COMPLETE, timeout=15)
+            match = re.search(r"pid=(\d+)", line)
+            assert match is not None
+            upgrades.pids.append(int(match[1]))
+            assert "connections=0" in line
+            assert await closed_with(b) == (1001, "shutting down")
+            assert await closed_with(p) == (1001, "shutting down")
+            assert await exit_code(relay) == 0
+            assert relay.count_log('msg="handed over listeners; draining"') == 1
+            # The successor serves the same port: a binary reconnects, its phone too.
+            b2 = await tls_binary(relay.port, ctx, "s-tls")
+            p2 = await tls_phone(relay.port, ctx, "s-tls")
+            relay.clients += [b2, p2]
+            await p2.send('{"n":1}')
+            assert (await recv_json(b2))["frame"] == {"n": 1}
+        finally:
+            await upgrades.kill_all()

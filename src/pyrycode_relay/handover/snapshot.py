@@ -46,7 +46,12 @@ _KEYED = ("register_failures", "heartbeat_closes", "cap_rejections")
 
 
 def export(
-    relay: Relay, live: Iterable[Connection], kinds: Mapping[int, str], listeners: list[str]
+    relay: Relay,
+    live: Iterable[Connection],
+    kinds: Mapping[int, str],
+    listeners: list[str],
+    *,
+    drain: bool = False,
 ) -> tuple[list[Connection], Blob]:
     """The connections to hand over and the blob describing them and the relay. `kinds`
     names each carried router by id(); a connection of any other router is not carried.
@@ -77,7 +82,7 @@ def export(
     graces = {
         server_id: max(0.0, end - now)
         for server_id, (_, end) in relay.grace_ends.items()
-        if relay.registry.in_grace(server_id)
+        if relay.registry.in_grace(server_id) and not drain
     }
     buckets = [BucketState(*bucket) for bucket in relay.limiter.export()]
     blob = Blob(
@@ -89,6 +94,7 @@ def export(
         buckets=buckets,
         counters=_counters(relay.stats),
         uptime=time.monotonic() - relay.started,
+        drain=drain,
     )
     return conns, blob
 

@@ -14,6 +14,13 @@ import msgspec
 # Bump on any change to the structs below: a successor refuses any other version.
 FORMAT_VERSION = 1
 
+# The kinds of listener (Blob.listeners, ConnState.listener). TLS modes hand over listening
+# sockets only: TLS sessions cannot leave the process, so their connections drain.
+KIND_MAIN = "main"  # insecure mode's WebSocket listener
+KIND_METRICS = "metrics"
+KIND_HTTPS = "https"
+KIND_ACME = "acme"  # ACME mode's HTTP-01 challenge listener
+
 
 class HandoverError(Exception):
     """The handover cannot go on; the message is the one log line's `reason`."""
@@ -92,6 +99,9 @@ class Blob(msgspec.Struct, frozen=True):
     buckets: list[BucketState]
     counters: dict[str, int]
     uptime: float
+    # Listeners only: the old process drains its connections itself (TLS modes), so the
+    # successor serves at once instead of waiting for it to be gone.
+    drain: bool = False
 
 
 class _Version(msgspec.Struct):

@@ -22,8 +22,8 @@ import asyncio
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 from typing import Protocol as TypingProtocol
-from typing import cast
 
 from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN, Side
@@ -135,16 +135,39 @@ async def listen(
     return await loop.create_server(factory, address.host or None, address.port, backlog=4096)
 
 
+class ServerGroup:
+    """Several listeners closed as one (the sockets of one address a predecessor handed
+    over: an address like ":8080" has one per address family)."""
+
+    def __init__(self, servers: list[asyncio.Server]) -> None:
+        self.servers = servers
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [sock for server in self.servers for sock in server.sockets]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+
 async def adopt_listener(
-    sock: socket.socket, router: Router, settings: ConnSettings, live: set[Connection]
-) -> asyncio.Server:
-    """`listen` over a listening socket a predecessor handed over (live handover)."""
+    socks: list[socket.socket],
+    router: Router,
+    settings: ConnSettings,
+    live: set[Connection],
+    **kwargs: Any,
+) -> ServerGroup:
+    """`listen` over the listening sockets a predecessor handed over (live handover);
+    `kwargs` go to `create_server` (a TLS listener's `ssl`)."""
     loop = asyncio.get_running_loop()
 
     def factory() -> Connection:
         return Connection(router, settings, live)
 
-    return await loop.create_server(factory, sock=sock, backlog=4096)
+    return ServerGroup(
+        [await loop.create_server(factory, sock=s, backlog=4096, **kwargs) for s in socks]
+    )
 
 
 def _wire_size(payload_length: int) -> int:
