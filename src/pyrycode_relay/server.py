@@ -410,10 +410,6 @@ class RelayServer:
         relay, named, live = self._serving
         log = self.log
         log.info("upgrade signal received; starting the successor", signal="SIGUSR2")
-        unavailable = self._handover_unavailable()
-        if unavailable:
-            log.warn(MSG_HANDOVER_FAILED, reason=unavailable)
-            return
         timeout = self.config.handover_timeout
         try:
             successor = await Successor.start(self._argv, os.environ, timeout)
@@ -422,8 +418,10 @@ class RelayServer:
             return
         # From here to the exit (or the failure) the event loop is held: nothing is read,
         # written or accepted, so the state exported is the state handed over, and on a
-        # failure every connection simply goes on. TLS modes hand over listeners only.
-        drain = self._tls is not None
+        # failure every connection simply goes on. TLS modes hand over listeners only (TLS
+        # sessions cannot leave the process), and so does cluster mode (the successor is
+        # another instance; ours hands its ids back as at an orderly shutdown).
+        drain = self._tls is not None or self._cluster is not None
         began = time.monotonic()
         try:
             listener_fds: list[int] = []
@@ -475,12 +473,6 @@ class RelayServer:
         if self.listeners.metrics is not None:
             kinds.add(KIND_METRICS)
         return kinds
-
-    def _handover_unavailable(self) -> str:
-        """Why this process cannot hand over live connections ("" if it can)."""
-        if self._cluster is not None:
-            return "cluster mode keeps its connections (restart to drain)"
-        return ""
 
     def _sweep_rate_limiter(self, relay: Relay, stack: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()

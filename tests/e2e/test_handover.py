@@ -25,6 +25,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.protocol import State
 
 from tests.certs import make_ca, write_leaf
+from tests.e2e.clusterharness import redis_server
 from tests.e2e.harness import (
     FAST_TIMERS,
     RawWs,
@@ -46,6 +47,7 @@ COMPLETE = 'msg="handover complete"'
 FAILED = 'msg="handover failed; serving on"'
 KIB = 1024
 TEST_KNOB = "PYRYCODE_HANDOVER_TEST"
+OWNER_GONE = (1011, "server owner gone")
 
 
 class Upgrades:
@@ -121,6 +123,12 @@ async def relay_with_upgrades(
             yield relay, upgrades
         finally:
             await upgrades.kill_all()
+
+
+def _field(line: str, key: str) -> str:
+    match = re.search(rf"\b{key}=(\S+)", line)
+    assert match is not None, line
+    return match[1]
 
 
 def envelope(conn_id: str, frame: Any) -> str:
@@ -442,3 +450,50 @@ async def test_static_tls_hands_over_listeners_and_drains_its_websockets(
             assert (await recv_json(b2))["frame"] == {"n": 1}
         finally:
             await upgrades.kill_all()
+
+
+async def test_cluster_mode_hands_over_listeners_and_ends_pairs_as_an_orderly_shutdown() -> None:
+    """Cluster mode: the successor is a new instance (a random id) on the same sockets; the
+    old one drains as at SIGTERM. So, exactly: its WebSockets close 1001 `shutting down`,
+    a phone elsewhere whose binary was on it closes 1011 `server owner gone`, and both
+    reconnect at once (the ids were handed back)."""
+    async with redis_server() as redis:
+        cluster = (f"--cluster-redis={redis.url}", "--cluster-lease=2s")
+        async with (
+            relay_with_upgrades(*cluster) as (r1, upgrades),
+            start_relay(*cluster) as r2,
+        ):
+            ids = [_field(await r.wait_log("msg=starting "), "cluster") for r in (r1, r2)]
+            b1 = await binary(r1, "srv-cl")
+            await redis.wait_owner("srv-cl", ids[0])
+            local = await phone(r1, "srv-cl")
+            remote = await phone(r2, "srv-cl")
+            for p in (local, remote):
+                await p.send('{"hi":1}')
+                await recv_json(b1)
+            os.kill(r1.proc.pid, signal.SIGUSR2)
+            line = await r1.wait_log(COMPLETE, timeout=15)
+            match = re.search(r"pid=(\d+)", line)
+            assert match is not None
+            upgrades.pids.append(int(match[1]))
+            codes = await asyncio.gather(*(closed_with(ws) for ws in (b1, local, remote)))
+            assert codes == [(1001, "shutting down"), (1001, "shutting down"), OWNER_GONE]
+            assert await exit_code(r1) == 0
+            # The successor (another instance) serves the same port; the id is free at once.
+            again = await binary(r1, "srv-cl")
+            p = await phone(r2, "srv-cl")
+            await p.send('{"back":1}')
+            assert (await recv_json(again))["frame"] == {"back": 1}
+
+
+async def test_cluster_successor_with_the_same_instance_id_is_refused_and_nothing_ends() -> None:
+    async with redis_server() as redis:
+        flags = (f"--cluster-redis={redis.url}", "--instance-id=fixed", "--cluster-lease=2s")
+        async with relay_with_upgrades(*flags) as (relay, _):
+            b, p, _ = await paired(relay, "srv-fixed")
+            os.kill(relay.proc.pid, signal.SIGUSR2)
+            line = await relay.wait_log(FAILED, timeout=15)
+            assert 'reason="successor exited before it was ready"' in line
+            assert relay.count_log("instance id already live") == 1
+            await p.send('{"after":1}')
+            assert (await recv_json(b))["frame"] == {"after": 1}
