@@ -148,6 +148,9 @@ class RelayServer:
                 self.log.error("listener failed", addr=failed.address, err=failed.err)
                 self.log.error("listener error; draining")
                 return ExitCode.RUNTIME
+            if self._predecessor is not None:
+                # The predecessor named us already; said again in case that datagram was lost.
+                self._notify.mainpid(os.getpid())
             self._notify.ready(self._status())
             await self._stop.wait()
             if not self._handed_over:  # else the service goes on, in the successor
@@ -410,6 +413,11 @@ class RelayServer:
         relay, named, live = self._serving
         log = self.log
         log.info("upgrade signal received; starting the successor", signal="SIGUSR2")
+        if os.getpid() == 1:
+            # A container's first process: the container would end with us, and the
+            # successor with it. Replace the container instead (it drains as at a restart).
+            log.warn(MSG_HANDOVER_FAILED, reason="running as pid 1")
+            return
         timeout = self.config.handover_timeout
         try:
             successor = await Successor.start(self._argv, os.environ, timeout)

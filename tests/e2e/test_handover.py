@@ -40,6 +40,7 @@ from tests.e2e.harness import (
     run_command,
     start_relay,
 )
+from tests.e2e.test_readiness import next_notification, notify_socket
 from tests.e2e.tlsharness import DOMAIN, client_context, start_tls_relay, tls_binary, tls_phone
 
 HANDOVER = "--handover-timeout=5s"
@@ -497,3 +498,18 @@ async def test_cluster_successor_with_the_same_instance_id_is_refused_and_nothin
             assert relay.count_log("instance id already live") == 1
             await p.send('{"after":1}')
             assert (await recv_json(b))["frame"] == {"after": 1}
+
+
+async def test_systemd_follows_the_successor_as_main_pid(tmp_path: Path) -> None:
+    """The old process names the successor (MAINPID=) before it exits and never says
+    STOPPING=1; the successor names itself and says READY=1 once it serves."""
+    with notify_socket(tmp_path) as (sock, env):
+        async with relay_with_upgrades(env=env) as (relay, upgrades):
+            assert (await next_notification(sock))["READY"] == "1"
+            old = relay.proc.pid
+            new = await upgrades.upgrade()
+            notes = [await next_notification(sock) for _ in range(3)]
+            assert notes[0] == {"MAINPID": str(new)}
+            assert notes[1] == {"MAINPID": str(new)}
+            assert notes[2]["READY"] == "1" and "STOPPING" not in notes[2]
+            assert not _alive(old)
