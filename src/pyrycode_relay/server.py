@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -341,6 +342,7 @@ class RelayServer:
         if predecessor.fails_start:
             raise Refusal(MSG_HANDOVER_TEST, {"reason": "fail-start"}, exit_code=ExitCode.RUNTIME)
         deadline = time.monotonic() + timeout
+        gc.disable()  # until every connection serves again (see _hand_over)
         try:
             predecessor.hello(deadline)
             received = predecessor.receive(time.monotonic() + timeout)
@@ -353,10 +355,11 @@ class RelayServer:
             restored = snapshot.restore(
                 relay, blob, received.conns, routers=routers, settings=settings, live=live
             )
-        except HandoverError as exc:
-            predecessor.refuse(str(exc), deadline)
+        except Exception as exc:  # whatever failed, the old process serves on
+            reason = str(exc) if isinstance(exc, HandoverError) else type(exc).__name__
+            predecessor.refuse(reason, deadline)
             raise Refusal(
-                MSG_HANDOVER_REFUSED, {"reason": str(exc)}, exit_code=ExitCode.RUNTIME
+                MSG_HANDOVER_REFUSED, {"reason": reason}, exit_code=ExitCode.RUNTIME
             ) from None
         try:
             if predecessor.test == "no-ack":
@@ -380,6 +383,7 @@ class RelayServer:
         named = await self._open_listeners(relay, live, adopted)
         await restored.adopt()
         restored.start()
+        gc.enable()
         self.log.info(
             "handover complete",
             pid=os.getpid(),
@@ -431,6 +435,9 @@ class RelayServer:
         # another instance; ours hands its ids back as at an orderly shutdown).
         drain = self._tls is not None or self._cluster is not None
         began = time.monotonic()
+        # A full collection over 10 000 connections' objects would hold the loop for another
+        # 100 ms or more; nothing cyclic worth collecting is made meanwhile.
+        gc.disable()
         try:
             listener_fds: list[int] = []
             kinds: list[str] = []
@@ -444,10 +451,12 @@ class RelayServer:
             conn_fds = [_socket_fd(conn) for conn in conns]
             successor.hand_over(listener_fds, conn_fds, state.encode(blob), began + timeout)
         except Exception as exc:  # whatever failed, the old process serves on
+            gc.enable()
             successor.kill()
             reason = str(exc) if isinstance(exc, HandoverError) else type(exc).__name__
             log.warn(MSG_HANDOVER_FAILED, reason=reason)
             return
+        gc.enable()
         self._notify.mainpid(successor.pid)
         if drain:
             # The successor accepts from now on; we stop before the loop runs again, then

@@ -64,14 +64,21 @@ class PhoneSession(HeldByConnection):
     )
 
     def __init__(
-        self, relay: Relay, conn: Connection, server_id: str, device_name: str, remote: str
+        self,
+        relay: Relay,
+        conn: Connection,
+        server_id: str,
+        device_name: str,
+        remote: str,
+        *,
+        conn_id: str = "",
     ) -> None:
         self.relay = relay
         self.conn = conn
         self.server_id = server_id
         self.device_name = device_name
         self.remote = remote
-        self.conn_id = f"client-{server_id}-{secrets.token_hex(4)}"
+        self.conn_id = conn_id or f"client-{server_id}-{secrets.token_hex(4)}"
         self._prefix = frame_prefix(self.conn_id)
         self.outbox = Outbox(relay.config.phone_outbox_bytes, relay.budget)
         self._registered = False
@@ -108,12 +115,13 @@ class PhoneSession(HeldByConnection):
     def restored(cls, relay: Relay, conn: Connection, state: PhoneState) -> PhoneSession:
         """The session a predecessor exported, with its outbox; `registered_as` follows
         once the registry holds it."""
-        session = cls(relay, conn, state.server_id, state.device_name, state.remote)
-        session.conn_id = state.conn_id
-        session._prefix = frame_prefix(state.conn_id)
+        session = cls(
+            relay, conn, state.server_id, state.device_name, state.remote, conn_id=state.conn_id
+        )
         session._directed = state.directed
         session._notice_code = state.notice_code
-        session.outbox.restore([Item(f, c) for f, c in state.outbox], state.inflight)
+        if state.outbox or state.inflight:
+            session.outbox.restore([Item(f, c) for f, c in state.outbox], state.inflight)
         return session
 
     def registered_as(self, binary: Binary | None) -> None:

@@ -48,14 +48,21 @@ class BinarySession(HeldByConnection):
     )
 
     def __init__(
-        self, relay: Relay, conn: Connection, server_id: str, binary_version: str, remote: str
+        self,
+        relay: Relay,
+        conn: Connection,
+        server_id: str,
+        binary_version: str,
+        remote: str,
+        *,
+        conn_id: str = "",
     ) -> None:
         self.relay = relay
         self.conn = conn
         self.server_id = server_id
         self.binary_version = binary_version
         self.remote = remote
-        self.conn_id = f"server-{server_id}-{secrets.token_hex(4)}"
+        self.conn_id = conn_id or f"server-{server_id}-{secrets.token_hex(4)}"
         self._pending = True  # until the claim is decided
         self._blocked: list[PhoneEndpoint] = []  # phones paused until our socket drains
 
@@ -79,8 +86,9 @@ class BinarySession(HeldByConnection):
     def restored(cls, relay: Relay, conn: Connection, state: BinaryState) -> BinarySession:
         """The session a predecessor exported, holding its id (the caller claims it) and
         with its blocked phones still to be added (`block`)."""
-        session = cls(relay, conn, state.server_id, state.binary_version, state.remote)
-        session.conn_id = state.conn_id
+        session = cls(
+            relay, conn, state.server_id, state.binary_version, state.remote, conn_id=state.conn_id
+        )
         session._pending = False
         return session
 

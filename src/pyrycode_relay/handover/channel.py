@@ -39,8 +39,9 @@ class Channel:
     """One end of the handover socket, used blocking with deadlines (the old process holds
     its event loop while it hands over; the successor serves nothing yet)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
+        self.peer = peer  # "successor" or "predecessor", for the failure's reason
 
     def close(self) -> None:
         self.sock.close()
@@ -74,7 +75,7 @@ class Channel:
                 os.close(fd)
             raise HandoverError("descriptors truncated")
         if not data and not fds:
-            raise HandoverError("peer exited")
+            raise HandoverError(f"{self.peer} exited")
         return data, fds
 
     def wait_closed(self, deadline: float) -> None:

@@ -68,7 +68,7 @@ class Successor:
             ) from None
         finally:
             theirs.close()  # the successor's end lives on in the successor only
-        successor = cls(proc, Channel(ours))
+        successor = cls(proc, Channel(ours, "successor"))
         ours.setblocking(False)
         try:
             async with asyncio.timeout(ready_within):

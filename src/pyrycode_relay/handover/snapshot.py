@@ -43,6 +43,7 @@ _SCALARS = (
     "reclaim_evictions",
 )
 _KEYED = ("register_failures", "heartbeat_closes", "cap_rejections")
+_ADOPT_BATCH = 500
 
 
 def export(
@@ -176,10 +177,17 @@ class Restored:
     ghosts: dict[str, GoneBinary]  # the holders of the ids in grace
 
     async def adopt(self) -> None:
-        """Give every connection its socket (reading stays off until `start`)."""
+        """Give every connection its socket (reading stays off until `start`), a batch at a
+        time: one loop iteration per batch rather than per connection."""
         loop = asyncio.get_running_loop()
-        for conn, sock, _ in self.conns:
-            await loop.connect_accepted_socket(partial(_same, conn), sock)
+        conns = self.conns
+        for start in range(0, len(conns), _ADOPT_BATCH):
+            await asyncio.gather(
+                *(
+                    loop.connect_accepted_socket(partial(_same, conn), sock)
+                    for conn, sock, _ in conns[start : start + _ADOPT_BATCH]
+                )
+            )
 
     def start(self) -> None:
         """Serve: grace windows run on, and each connection sends what its predecessor had
@@ -224,7 +232,7 @@ def restore(
         router = routers.get(state.listener)
         if router is None:
             raise HandoverError(f"no listener of kind {state.listener}")
-        conn = Connection(router, settings, live, state.peer_host)
+        conn = Connection(router, settings, live, state.peer_host, handed=True)
         if state.ws is None:
             conn.adopt_head(state.head or b"")
         else:

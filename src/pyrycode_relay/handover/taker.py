@@ -47,7 +47,7 @@ class Predecessor:
     """The old process, seen from its successor."""
 
     def __init__(self, sock: socket.socket, test: str) -> None:
-        self.channel = Channel(sock)
+        self.channel = Channel(sock, "predecessor")
         self.test = test  # the test-only knob's value ("" normally)
 
     @classmethod

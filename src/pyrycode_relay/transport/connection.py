@@ -230,13 +230,20 @@ class Connection(asyncio.Protocol):
     )
 
     def __init__(
-        self, router: Router, settings: ConnSettings, live: set[Connection], peer_host: str = ""
+        self,
+        router: Router,
+        settings: ConnSettings,
+        live: set[Connection],
+        peer_host: str = "",
+        *,
+        handed: bool = False,
     ) -> None:
         self._router = router
         self._settings = settings
         self._live = live
         self._loop = asyncio.get_running_loop()
-        self._head: HeadReader | None = HeadReader()
+        # (A handed-over connection gets its head reader, if it needs one, from adopt_head.)
+        self._head: HeadReader | None = None if handed else HeadReader()
         self._head_raw = b""  # the request head's bytes so far (a handover carries them)
         self._timers = ConnTimers(self._loop, settings, self)
         self._pings: dict[bytes, Callable[[], None]] | None = None
@@ -789,6 +796,7 @@ class Connection(asyncio.Protocol):
         """A handed-over connection still reading its request head (`raw` so far); adopt
         the socket next."""
         self._adopting = True
+        self._head = HeadReader()
         self._head_raw = raw
 
     def adopt_ws(self, state: WsState, handler: WsHandler) -> None:

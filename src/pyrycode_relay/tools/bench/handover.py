@@ -137,8 +137,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         handed = _line(child, HANDED)
         failed = _line(child, FAILED)
         old_gone = await _gone(old, 5.0)
-        for task in watch:
-            await task
+        for task in watch:  # the old process is gone by now, unless the handover failed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(task, 5.0)
     c = ctx.c
     timeline = ctx.timeline
     during: list[float] = []
