@@ -178,9 +178,10 @@ class Restored:
 
     async def adopt(self) -> None:
         """Give every connection its socket (reading stays off until `start`), a batch at a
-        time: one loop iteration per batch rather than per connection."""
+        time: one loop iteration per batch rather than per connection. Binaries first: a
+        phone that leaves meanwhile sends its binary a close notice."""
         loop = asyncio.get_running_loop()
-        conns = self.conns
+        conns = sorted(self.conns, key=lambda entry: entry[2].binary is None)
         for start in range(0, len(conns), _ADOPT_BATCH):
             await asyncio.gather(
                 *(

@@ -200,6 +200,7 @@ class Connection(asyncio.Protocol):
         "_backlog_paused",
         "_cork",
         "_cork_bytes",
+        "_eof_pending",
         "_fragments",
         "_fragments_text",
         "_head",
@@ -277,7 +278,8 @@ class Connection(asyncio.Protocol):
         self.timed_out_reading = False
         self.on_release: Callable[[], None] | None = None  # returns an admission slot
         self.cap_key: str | None = None  # the key of that slot (a handover re-takes it)
-        self._adopting = False  # handed over: no I/O until `resume_handed`
+        self._adopting = False  # handed over: nothing parsed until `resume_ws`/`resume_head`
+        self._eof_pending = False  # (adopting) the peer's end came before the replay
 
     # -- asyncio.Protocol -----------------------------------------------------------
 
@@ -296,6 +298,8 @@ class Connection(asyncio.Protocol):
             # meanwhile is kept (uvloop starts reading right after this, paused or not).
             self._transport_paused = True
             transport.pause_reading()
+            if self.ws is not None:
+                transport.set_write_buffer_limits(high=self._write_high, low=0)
             return
         self._timers.start_head()
 
@@ -321,6 +325,10 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         ws = self.ws
+        if self._adopting and ws is not None:
+            # The peer's end, before the predecessor's bytes are replayed: after them.
+            self._eof_pending = True
+            return True  # keep the transport: `resume_ws` finishes this
         if ws is not None:
             ws.receive_eof()
             self._flush()
@@ -809,6 +817,11 @@ class Connection(asyncio.Protocol):
         self._ping_seq = state.ping_seq
         self._reading_paused = state.reading_paused
         self._unparsed = b""  # collects what arrives before `resume_ws` (see _ws_data)
+        if state.unsent:
+            # First in line: whatever this connection writes before `resume_ws` (a close
+            # notice to a binary, from a phone that left meanwhile) queues behind it.
+            self._cork.append(state.unsent)
+            self._cork_bytes += len(state.unsent)
 
     def resume_head(self) -> None:
         """Serve an adopted connection that was reading its request head."""
@@ -825,13 +838,7 @@ class Connection(asyncio.Protocol):
         then the inbound bytes the predecessor held are parsed, then the socket is read.
         Timers resume with what was left of them, less `lag` (the handover's duration)."""
         self._adopting = False
-        transport = self.transport
-        assert transport is not None
-        transport.set_write_buffer_limits(high=self._write_high, low=0)
-        if state.unsent:
-            self._cork.append(state.unsent)
-            self._cork_bytes += len(state.unsent)
-            self._uncork()  # may pause writing: the write timer starts then
+        self._uncork()  # the predecessor's unsent bytes; may pause writing (write timer)
         self._timers.restore(state.timers, lag)
         if state.heartbeat_pings:
             ponged = self._timers.heartbeat_callback
@@ -847,6 +854,12 @@ class Connection(asyncio.Protocol):
         if replay:
             self._ws_data(replay)
         self._timers.restore_message(state.timers, lag)
+        if self._eof_pending:
+            self._eof_pending = False
+            self.eof_received()
+            if self.transport is not None:
+                self.transport.close()
+            return
         self._apply_reading()
         if not self.write_paused:
             self._loop.call_soon(self._writable)
