@@ -428,6 +428,10 @@ class RelayServer:
         except HandoverError as exc:
             log.warn(MSG_HANDOVER_FAILED, reason=str(exc))
             return
+        if self._stop.is_set():  # SIGTERM while the successor started: the drain wins
+            successor.kill()
+            log.warn(MSG_HANDOVER_FAILED, reason="shutting down")
+            return
         # From here to the exit (or the failure) the event loop is held: nothing is read,
         # written or accepted, so the state exported is the state handed over, and on a
         # failure every connection simply goes on. TLS modes hand over listeners only (TLS

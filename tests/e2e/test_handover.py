@@ -41,6 +41,7 @@ from tests.e2e.harness import (
     start_relay,
 )
 from tests.e2e.test_readiness import next_notification, notify_socket
+from tests.e2e.test_tls_proxy import proxy_relay, upgrade_status, v4
 from tests.e2e.tlsharness import DOMAIN, client_context, start_tls_relay, tls_binary, tls_phone
 
 HANDOVER = "--handover-timeout=5s"
@@ -513,3 +514,23 @@ async def test_systemd_follows_the_successor_as_main_pid(tmp_path: Path) -> None
             assert notes[1] == {"MAINPID": str(new)}
             assert notes[2]["READY"] == "1" and "STOPPING" not in notes[2]
             assert not _alive(old)
+
+
+async def test_proxy_protocol_listener_and_rate_limit_buckets_carry_over(tmp_path: Path) -> None:
+    """Behind PROXY v2 (static TLS): the successor serves the handed listening socket, and a
+    client that spent its upgrade burst before the handover is still limited after it."""
+    ca, flags = proxy_relay(tmp_path, HANDOVER)
+    ctx = client_context(ca.pem)
+    async with start_tls_relay(*flags) as relay:
+        upgrades = Upgrades(relay)
+        try:
+            spent = v4("192.0.2.7")
+            assert [await upgrade_status(relay, ctx, spent) for _ in range(2)] == [400, 400]
+            os.kill(relay.proc.pid, signal.SIGUSR2)
+            line = await relay.wait_log(COMPLETE, timeout=15)
+            upgrades.pids.append(int(_field(line, "pid")))
+            assert await exit_code(relay) == 0
+            assert await upgrade_status(relay, ctx, spent) == 429  # its bucket came along
+            assert await upgrade_status(relay, ctx, v4("192.0.2.8")) == 400  # a fresh one
+        finally:
+            await upgrades.kill_all()

@@ -78,6 +78,9 @@ class Successor:
             raise HandoverError("successor not ready in time") from None
         except OSError:
             hello = b""
+        except BaseException:  # cancelled (the process is ending): no orphan successor
+            successor.kill()
+            raise
         if hello != HELLO:
             successor.kill()
             raise HandoverError("successor exited before it was ready")

@@ -184,6 +184,8 @@ class TlsFrontEnd:
             )
         if config.https_proxy_protocol:
             sockets = bind_sockets(host, port) if adopted is None else adopted
+            for sock in sockets:
+                sock.setblocking(False)  # (already so: the open file is the predecessor's)
 
             def make(client_host: str) -> Connection:
                 return Connection(router, settings, live, peer_host=client_host)
