@@ -534,3 +534,21 @@ async def test_proxy_protocol_listener_and_rate_limit_buckets_carry_over(tmp_pat
             assert await upgrade_status(relay, ctx, v4("192.0.2.8")) == 400  # a fresh one
         finally:
             await upgrades.kill_all()
+
+
+async def test_a_request_head_half_sent_across_the_handover_is_answered() -> None:
+    async with relay_with_upgrades() as (relay, upgrades):
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        relay.raw_clients.append(writer)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n")
+        await writer.drain()
+        # Most likely read by now (the relay has served another request since); either way,
+        # read and carried or still in the kernel, the successor must answer it.
+        await relay.wait_counts(0, 0)
+        await upgrades.upgrade()
+        assert "connections=1" in [x for x in relay.lines if COMPLETE in x][-1]
+        writer.write(b"\r\n")
+        async with asyncio.timeout(5):
+            response = await reader.read()
+        assert response.startswith(b"HTTP/1.1 200 ")
+        assert b'"status":"ok"' in response
