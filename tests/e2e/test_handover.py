@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +25,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.protocol import State
 
+from pyrycode_relay.tools.bench.ports import free_port
 from tests.certs import make_ca, write_leaf
 from tests.e2e.clusterharness import redis_server
 from tests.e2e.harness import (
@@ -41,8 +43,17 @@ from tests.e2e.harness import (
     start_relay,
 )
 from tests.e2e.test_readiness import next_notification, notify_socket
+from tests.e2e.test_tls_acme import acme_flags, pebble, serial_in
 from tests.e2e.test_tls_proxy import proxy_relay, upgrade_status, v4
-from tests.e2e.tlsharness import DOMAIN, client_context, start_tls_relay, tls_binary, tls_phone
+from tests.e2e.tlsharness import (
+    DOMAIN,
+    client_context,
+    plain_request,
+    serial_of,
+    start_tls_relay,
+    tls_binary,
+    tls_phone,
+)
 
 HANDOVER = "--handover-timeout=5s"
 COMPLETE = 'msg="handover complete"'
@@ -552,3 +563,33 @@ async def test_a_request_head_half_sent_across_the_handover_is_answered() -> Non
             response = await reader.read()
         assert response.startswith(b"HTTP/1.1 200 ")
         assert b'"status":"ok"' in response
+
+
+async def test_acme_mode_hands_over_both_listeners_and_the_successor_reuses_the_certificate(
+    tmp_path: Path,
+) -> None:
+    http_port = free_port()
+    async with pebble(tmp_path, http_port) as p:
+        flags = [*acme_flags(p, tmp_path / "certs", http_port), HANDOVER]
+        async with start_tls_relay(*flags, ready="acme certificate obtained") as relay:
+            upgrades = Upgrades(relay)
+            try:
+                serial = serial_in(await relay.wait_log("acme certificate obtained"))
+                ctx = ssl.create_default_context(cadata=p.root_pem.decode())
+                b = await tls_binary(relay.port, ctx, "s-acme")
+                relay.clients.append(b)
+                os.kill(relay.proc.pid, signal.SIGUSR2)
+                line = await relay.wait_log(COMPLETE, timeout=15)
+                upgrades.pids.append(int(_field(line, "pid")))
+                assert await closed_with(b) == (1001, "shutting down")
+                assert await exit_code(relay) == 0
+                # The successor serves both ports: HTTPS with the cached certificate (no
+                # new order), and the port-80 listener.
+                again = await tls_binary(relay.port, ctx, "s-acme")
+                relay.clients.append(again)
+                assert serial_of(again) == serial
+                assert relay.count_log("acme certificate obtained") == 1
+                status, _ = await plain_request(http_port, "/elsewhere", DOMAIN)
+                assert status == 404  # (not a challenge: its answer comes from the successor)
+            finally:
+                await upgrades.kill_all()
