@@ -1,13 +1,17 @@
 """The relay process from start-up to exit: one owner for its whole lifecycle.
 
 Owns: building what serves (the push sender, the `Relay`, the cluster placement, the TLS front
-end), opening every listener, readiness (`/readyz` and the systemd notifications: READY once
-serving, RELOADING around a certificate reload, STOPPING at the drain), the signals (SIGTERM
-and SIGINT start the drain, a second one is ignored; SIGHUP reloads a static certificate and
-is otherwise logged and ignored, never fatal), the periodic rate-limiter sweep, the bounded
-drain (every WebSocket closed 1001 `shutting down` within --drain-timeout; the metrics
-listener, with its `/readyz`, closes last), and the exit code. Everything started is undone
-on one `AsyncExitStack`, in reverse order, however start-up or serving ends.
+end), opening every listener (or adopting a predecessor's, in a live handover), readiness
+(`/readyz` and the systemd notifications: READY once serving, RELOADING around a certificate
+reload, STOPPING at the drain, MAINPID in a handover), the signals (SIGTERM and SIGINT start
+the drain, a second one is ignored; SIGHUP reloads a static certificate and is otherwise
+logged and ignored, never fatal; SIGUSR2 hands everything to a successor process: handover/
+does the work, this decides when — the old side holds the event loop from the export to the
+successor's answer, then exits or serves on; the successor serves only once the old process
+is gone), the periodic rate-limiter sweep, the bounded drain (every WebSocket closed 1001
+`shutting down` within --drain-timeout; the metrics listener, with its `/readyz`, closes
+last), and the exit code. Everything started is undone on one `AsyncExitStack`, in reverse
+order, however start-up or serving ends.
 Must never: validate flags (ops.boot did) or touch frames.
 """
 
@@ -380,10 +384,12 @@ class RelayServer:
         adopted: dict[str, list[socket.socket]] = {}
         for kind, sock in zip(blob.listeners, received.listeners, strict=True):
             adopted.setdefault(kind, []).append(sock)
-        named = await self._open_listeners(relay, live, adopted)
-        await restored.adopt()
-        restored.start()
-        gc.enable()
+        try:
+            named = await self._open_listeners(relay, live, adopted)
+            await restored.adopt()
+            restored.start()
+        finally:
+            gc.enable()
         self.log.info(
             "handover complete",
             pid=os.getpid(),

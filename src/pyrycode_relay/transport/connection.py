@@ -366,6 +366,7 @@ class Connection(asyncio.Protocol):
     def respond(self, raw: bytes) -> None:
         """Send a complete non-101 response and close the connection."""
         self._head = None
+        self._head_raw = b""
         self._timers.stop_head()
         transport = self.transport
         if transport is not None:
