@@ -275,6 +275,9 @@ async def test_handover_keeps_every_connection_and_every_frame() -> None:
         assert await recv_json(p1) == {"mark": 1}
         before = await relay.healthz()
         assert (before["connected_binaries"], before["connected_phones"]) == (1, 4)
+        up = 'pyrycode_relay_frames_forwarded_total{direction="phone_to_binary"}'
+        counted = (await relay.metrics())[up]
+        assert counted >= 4
 
         traffic = Traffic(b, {cid1: p1, cid2: p2})
         traffic.start()
@@ -318,6 +321,9 @@ async def test_handover_keeps_every_connection_and_every_frame() -> None:
         after = await relay.healthz()
         assert (after["connected_binaries"], after["connected_phones"]) == (1, 4)
         assert after["uptime_seconds"] >= before["uptime_seconds"]
+        # The counters carried on: every frame the binary got since is counted once, in one
+        # process or the other (the numbered traffic, and the message split across).
+        assert (await relay.metrics())[up] == counted + sum(traffic.up_sent.values()) + 1
         late = await phone(relay, "srv-ho")
         await late.send('{"late":1}')
         env = await recv_json(b)

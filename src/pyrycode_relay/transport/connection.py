@@ -1,11 +1,12 @@
 """One TCP connection: an HTTP request head, then (maybe) a WebSocket.
 
 Owns: the asyncio Protocol, the websockets Sans-I/O frame state machine, write batching,
-flow control in both directions, and what happens when one of its timers (held by its
+flow control in both directions, what happens when one of its timers (held by its
 `ConnTimers`, transport/timers.py) expires: header-read deadline, heartbeat, per-message
-read deadline, write timeout, and the bounded close handshake. This is the transport
-boundary: endpoints see only `Connection`'s small public surface (send_text, close, ping,
-pause/resume reading, write_paused) and the `WsHandler` callbacks.
+read deadline, write timeout, and the bounded close handshake; and, for a live handover, its
+exact state (unsent bytes, a half-read frame, a partial message) out and back in. This is
+the transport boundary: endpoints see only `Connection`'s small public surface (send_text,
+close, ping, pause/resume reading, write_paused) and the `WsHandler` callbacks.
 Must never: parse envelopes, touch the registry, or log. No task is created per
 connection or per message: everything runs in protocol callbacks and loop timers.
 
@@ -13,7 +14,9 @@ Why one file past 450 lines: `Connection` is one state machine on the per-frame 
 its parsing, batching and flow control share the same few fields on every read and write;
 split across objects, each frame would pay extra attribute hops (ADR 0010 measured what a
 few microseconds per frame cost). What is not on that path lives elsewhere: the request head
-and the handshake (http.py), the timers (timers.py).
+and the handshake (http.py), the timers (timers.py). The live handover's export, adoption and
+resumption (the "live handover" section) stay here although they are not on that path: they
+read and set exactly those private fields, which would otherwise have to become public.
 """
 
 from __future__ import annotations
