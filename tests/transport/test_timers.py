@@ -244,3 +244,18 @@ def test_exported_timers_resume_with_what_was_left_less_the_lag() -> None:
     assert owner2.events == ["write", "missed"]
     loop2.advance(10.0)  # the ticker keeps its phase: next tick 26 - 1 s after
     assert owner2.events == ["write", "missed", "ping"]
+
+
+def test_a_message_in_progress_keeps_its_deadline_across_a_handover() -> None:
+    loop, _, timers = make()
+    timers.track_message(True)
+    loop.advance(25.0)
+    state = timers.export()
+    assert state.message == 5.0
+    loop2, owner2, timers2 = make()
+    timers2.track_message(True)  # the replayed bytes start a fresh deadline...
+    timers2.restore_message(state, lag=1.0)  # ...which the predecessor's replaces
+    loop2.advance(3.9)
+    assert owner2.events == []
+    loop2.advance(0.2)
+    assert owner2.events == ["message"]

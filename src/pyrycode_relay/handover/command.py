@@ -49,7 +49,11 @@ def main(argv: list[str]) -> int:
         return 1
     before = _children(pid)
     seen: set[int] = set()
-    os.kill(pid, signal.SIGUSR2)
+    try:
+        os.kill(pid, signal.SIGUSR2)
+    except OSError as exc:  # another user's process, or gone meanwhile
+        print(f"upgrade: cannot signal {pid}: {exc.strerror}", file=sys.stderr)
+        return 1
     end = time.monotonic() + args.wait
     while time.monotonic() < end:
         children = _children(pid) - before
