@@ -416,17 +416,18 @@ class RelayServer:
 
     async def _hand_over(self) -> None:
         from pyrycode_relay.handover import snapshot, state
-        from pyrycode_relay.handover.giver import Successor
+        from pyrycode_relay.handover.giver import Successor, blocked_by_init
         from pyrycode_relay.handover.state import HandoverError
 
         assert self._serving is not None
         relay, named, live = self._serving
         log = self.log
         log.info("upgrade signal received; starting the successor", signal="SIGUSR2")
-        if os.getpid() == 1:
-            # A container's first process: the container would end with us, and the
-            # successor with it. Replace the container instead (it drains as at a restart).
-            log.warn(MSG_HANDOVER_FAILED, reason="running as pid 1")
+        blocked = blocked_by_init(was_successor=self._predecessor is not None)
+        if blocked:
+            # In a container the successor would end with us: replace the container instead
+            # (it drains as at a restart).
+            log.warn(MSG_HANDOVER_FAILED, reason=blocked)
             return
         timeout = self.config.handover_timeout
         try:

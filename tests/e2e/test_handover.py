@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import ssl
 import time
@@ -21,6 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.protocol import State
@@ -35,6 +37,7 @@ from tests.e2e.harness import (
     binary,
     closed_with,
     encode_frame,
+    launch,
     paired,
     phone,
     recv_json,
@@ -599,3 +602,48 @@ async def test_acme_mode_hands_over_both_listeners_and_the_successor_reuses_the_
                 assert status == 404  # (not a challenge: its answer comes from the successor)
             finally:
                 await upgrades.kill_all()
+
+
+# A PID namespace stands in for a container; its processes die with `unshare`.
+UNSHARE = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+
+
+def _child_of(pid: int) -> int:
+    with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+        children = f.read().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+@pytest.mark.parametrize(
+    ("wrap", "reason"),
+    [
+        # The relay is the container's first process.
+        (UNSHARE, "running as pid 1"),
+        # The relay is what the container's init (here a shell) started.
+        ([*UNSHARE, "sh", "-c", '"$@"; :', "init"], "the parent is a container's init"),
+    ],
+)  # fmt: skip
+async def test_in_a_container_the_handover_is_refused_and_nothing_ends(
+    wrap: list[str], reason: str
+) -> None:
+    """A successor would die with the container when the old process exits."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare and root for a PID namespace")
+    port, metrics_port = free_port(), free_port()
+    argv = relay_command(
+        f"--insecure-listen=127.0.0.1:{port}",
+        f"--metrics-listen=127.0.0.1:{metrics_port}",
+        *FAST_TIMERS,
+        HANDOVER,
+    )
+    async with launch([*wrap, *argv], port=port, metrics_port=metrics_port) as relay:
+        b, p, _ = await paired(relay, "srv-box")
+        relay_pid = _child_of(relay.proc.pid)  # unshare's child: pid 1 inside
+        if len(wrap) > len(UNSHARE):
+            relay_pid = _child_of(relay_pid)  # the shell's child
+        os.kill(relay_pid, signal.SIGUSR2)
+        line = await relay.wait_log(FAILED, timeout=15)
+        assert f'reason="{reason}"' in line
+        await p.send('{"after":1}')
+        assert (await recv_json(b))["frame"] == {"after": 1}

@@ -33,6 +33,24 @@ from pyrycode_relay.handover.channel import (
 from pyrycode_relay.handover.state import HandoverError
 
 
+def blocked_by_init(*, was_successor: bool) -> str:
+    """Why a successor would not outlive this process ("" when it would): as the first
+    process of a container (pid 1), or as the process a container's init started (tini,
+    docker's --init, dumb-init: pid 1 but not systemd), this process's exit ends the
+    container. Under systemd, a shell or a supervisor that follows MAINPID it does not; nor
+    for a successor, which pid 1 only adopted when its predecessor exited."""
+    if os.getpid() == 1:
+        return "running as pid 1"
+    if was_successor or os.getppid() != 1:
+        return ""
+    try:
+        with open("/proc/1/comm", encoding="utf-8", errors="replace") as f:
+            init = f.read().strip()
+    except OSError:
+        return ""
+    return "" if init == "systemd" else "the parent is a container's init"
+
+
 class Successor:
     """A started successor, ready to receive. Concurrency: the event loop's thread."""
 

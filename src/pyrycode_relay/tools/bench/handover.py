@@ -57,8 +57,12 @@ def _ms(duration: str | None) -> float | None:
     return round(float(match[1]) * scale, 3)
 
 
-def _line(child: Child, needle: str) -> str | None:
-    for line in child.log_text().splitlines():
+def _line(child: Child, needle: str, offset: int) -> str | None:
+    """The first line containing `needle` that this run wrote (a kept log is appended to)."""
+    with open(child.log, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode("utf-8", "replace")
+    for line in text.splitlines():
         if needle in line:
             return line
     return None
@@ -97,6 +101,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     ctx = Ctx(args.size)
     ctx.timeline = []
     successor: int | None = None
+    offset: int = args.log_offset
     async with relay_async(*flags, port=port, name="relay", log=args.log) as child:
         old = child.pid
         signalled: list[float] = []
@@ -129,13 +134,13 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 ctx=ctx,
             )
         finally:
-            complete = _line(child, COMPLETE)
+            complete = _line(child, COMPLETE, offset)
             pid = _field(complete, "pid") if complete else None
             successor = int(pid) if pid else None
             if successor is not None:
                 await _stop(successor)
-        handed = _line(child, HANDED)
-        failed = _line(child, FAILED)
+        handed = _line(child, HANDED, offset)
+        failed = _line(child, FAILED, offset)
         old_gone = await _gone(old, 5.0)
         for task in watch:  # the old process is gone by now, unless the handover failed
             with contextlib.suppress(TimeoutError):
@@ -211,6 +216,8 @@ def main(argv: list[str]) -> int:
         raise SystemExit("bounded: --connections 2..30000, --per-binary 1..16")
     if not 0 < args.dur <= 120 or not 0 <= args.warmup <= 60 or not 0 < args.rate <= 100:
         raise SystemExit("bounded: --dur ≤ 120 s, --warmup ≤ 60 s, 0 < --rate ≤ 100")
+    # Where this run's lines start in a kept log (--log appends to it).
+    args.log_offset = os.path.getsize(args.log) if args.log and os.path.exists(args.log) else 0
     try:
         import uvloop
     except ImportError:
