@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 RATE_LIMIT_SWEEP_SECONDS = 300.0  # reference §8.3
 
 
-MSG_HANDOVER_FAILED = "handover failed; serving on"
 MSG_HANDOVER_REFUSED = "handover refused; exiting"
 MSG_HANDOVER_TEST = "handover test knob: failing at start"
 
@@ -427,17 +426,17 @@ class RelayServer:
         if blocked:
             # In a container the successor would end with us: replace the container instead
             # (it drains as at a restart).
-            log.warn(MSG_HANDOVER_FAILED, reason=blocked)
+            log.warn("handover failed; serving on", reason=blocked)
             return
         timeout = self.config.handover_timeout
         try:
             successor = await Successor.start(self._argv, os.environ, timeout)
         except HandoverError as exc:
-            log.warn(MSG_HANDOVER_FAILED, reason=str(exc))
+            log.warn("handover failed; serving on", reason=str(exc))
             return
         if self._stop.is_set():  # SIGTERM while the successor started: the drain wins
             successor.kill()
-            log.warn(MSG_HANDOVER_FAILED, reason="shutting down")
+            log.warn("handover failed; serving on", reason="shutting down")
             return
         # From here to the exit (or the failure) the event loop is held: nothing is read,
         # written or accepted, so the state exported is the state handed over, and on a
@@ -465,7 +464,7 @@ class RelayServer:
             gc.enable()
             successor.kill()
             reason = str(exc) if isinstance(exc, HandoverError) else type(exc).__name__
-            log.warn(MSG_HANDOVER_FAILED, reason=reason)
+            log.warn("handover failed; serving on", reason=reason)
             return
         gc.enable()
         self._notify.mainpid(successor.pid)
