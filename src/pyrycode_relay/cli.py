@@ -44,6 +44,7 @@ def help_text() -> str:
         "       pyrycode-relay --check-config [FLAGS]  check the configuration, print the plan\n"
         "       pyrycode-relay probe [OPTIONS] URL     check a running relay (probe --help)\n"
         "       pyrycode-relay bench SCENARIO [...]    measure a relay under load (bench --help)\n"
+        "       pyrycode-relay upgrade PID             hand a running relay over to a new process\n"
         "\n"
         "Modes (exactly one):\n"
         "  --insecure-listen ADDR          plain HTTP behind a TLS-terminating proxy\n"
@@ -58,7 +59,9 @@ def help_text() -> str:
         f"  {ENV_SINGLE_INSTANCE + '=1':<34} assert one instance where FLY_APP_NAME is set\n"
         f"  {'NOTIFY_SOCKET':<34} set by systemd (Type=notify): READY, RELOADING, STOPPING\n"
         "\n"
-        "Signals: SIGTERM/SIGINT drain (close 1001), SIGHUP reloads static TLS files.\n"
+        "Signals: SIGTERM/SIGINT drain (close 1001), SIGHUP reloads static TLS files,\n"
+        "SIGUSR2 hands listeners and connections to a new process (insecure mode keeps\n"
+        "every WebSocket; TLS modes drain theirs).\n"
         "Exit codes: 0 clean exit, 1 runtime or listener failure, 2 configuration refused.\n"
     )
 
@@ -71,14 +74,31 @@ def _proc_status() -> str | None:
         return None
 
 
-def _run(config: Config, listeners: Listeners, log: Logger, fcm_credentials: str | None) -> int:
+def _run(
+    config: Config,
+    listeners: Listeners,
+    log: Logger,
+    fcm_credentials: str | None,
+    argv: Sequence[str],
+) -> int:
+    from pyrycode_relay.handover.taker import Predecessor
     from pyrycode_relay.server import RelayServer
 
     notifier = SystemdNotifier(os.environ, lambda err: log.warn("sd_notify failed", err=err))
+    # Set when a relay started us to take over from it (SIGUSR2); taken out of the
+    # environment, so our own successor gets its own.
+    predecessor = Predecessor.from_environ(os.environ)
 
     async def serve() -> ExitCode:
         server = RelayServer(
-            config, listeners, log, __version__, fcm_credentials, notifier=notifier
+            config,
+            listeners,
+            log,
+            __version__,
+            fcm_credentials,
+            notifier=notifier,
+            argv=argv,
+            predecessor=predecessor,
         )
         return await server.run()
 
@@ -107,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pyrycode_relay.tools.probe import main as probe_main
 
         return probe_main(args[1:])
+    if args[:1] == ["upgrade"]:  # operator subcommand: SIGUSR2 and wait for the outcome
+        from pyrycode_relay.handover.command import main as upgrade_main
+
+        return upgrade_main(args[1:])
     if args[:1] == ["bench"]:  # tooling subcommand: load and measurement
         from pyrycode_relay.tools.bench.cli import main as bench_main
 
@@ -143,6 +167,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # The key goes to the push sender only; it is never part of Config (which is printed
         # in errors and tests) nor logged.
-        return _run(config, listeners, log, os.environ.get(ENV_FCM_CREDENTIALS))
+        return _run(config, listeners, log, os.environ.get(ENV_FCM_CREDENTIALS), args)
     except KeyboardInterrupt:
         return ExitCode.OK

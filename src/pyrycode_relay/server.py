@@ -1,13 +1,17 @@
 """The relay process from start-up to exit: one owner for its whole lifecycle.
 
 Owns: building what serves (the push sender, the `Relay`, the cluster placement, the TLS front
-end), opening every listener, readiness (`/readyz` and the systemd notifications: READY once
-serving, RELOADING around a certificate reload, STOPPING at the drain), the signals (SIGTERM
-and SIGINT start the drain, a second one is ignored; SIGHUP reloads a static certificate and
-is otherwise logged and ignored, never fatal), the periodic rate-limiter sweep, the bounded
-drain (every WebSocket closed 1001 `shutting down` within --drain-timeout; the metrics
-listener, with its `/readyz`, closes last), and the exit code. Everything started is undone
-on one `AsyncExitStack`, in reverse order, however start-up or serving ends.
+end), opening every listener (or adopting a predecessor's, in a live handover), readiness
+(`/readyz` and the systemd notifications: READY once serving, RELOADING around a certificate
+reload, STOPPING at the drain, MAINPID in a handover), the signals (SIGTERM and SIGINT start
+the drain, a second one is ignored; SIGHUP reloads a static certificate and is otherwise
+logged and ignored, never fatal; SIGUSR2 hands everything to a successor process: handover/
+does the work, this decides when — the old side holds the event loop from the export to the
+successor's answer, then exits or serves on; the successor serves only once the old process
+is gone), the periodic rate-limiter sweep, the bounded drain (every WebSocket closed 1001
+`shutting down` within --drain-timeout; the metrics listener, with its `/readyz`, closes
+last), and the exit code. Everything started is undone on one `AsyncExitStack`, in reverse
+order, however start-up or serving ends.
 Must never: validate flags (ops.boot did) or touch frames.
 """
 
@@ -15,30 +19,56 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import os
 import signal
-from collections.abc import Awaitable, Callable
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from pyrycode_relay.core.addresses import ListenAddress, Listeners
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.endpoints.relay import Relay
 from pyrycode_relay.endpoints.router import MainRouter, MetricsRouter
+from pyrycode_relay.handover.state import KIND_ACME, KIND_HTTPS, KIND_MAIN, KIND_METRICS
 from pyrycode_relay.ops import logbridge
 from pyrycode_relay.ops.boot import ENV_FCM_CREDENTIALS, MSG_ENV, REASON_FCM_CREDENTIALS
-from pyrycode_relay.ops.log import Logger
+from pyrycode_relay.ops.log import Logger, millis
 from pyrycode_relay.ops.metrics import BuildInfo, MetricsExporter
 from pyrycode_relay.ops.push import PushSender
 from pyrycode_relay.ops.readiness import Readiness
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
 from pyrycode_relay.ops.sdnotify import SystemdNotifier
-from pyrycode_relay.transport.connection import Connection, ConnSettings, Listener, listen
+from pyrycode_relay.transport.connection import (
+    Connection,
+    ConnSettings,
+    Listener,
+    Router,
+    adopt_listener,
+    listen,
+)
 
 if TYPE_CHECKING:
     from pyrycode_relay.cluster.placement import ClusterPlacement
+    from pyrycode_relay.handover.taker import Predecessor
     from pyrycode_relay.tls.mode import TlsFrontEnd
 
 RATE_LIMIT_SWEEP_SECONDS = 300.0  # reference §8.3
 STATUS_POLL_SECONDS = 1.0  # how soon systemd's STATUS line follows readiness
+
+
+MSG_HANDOVER_REFUSED = "handover refused; exiting"
+MSG_HANDOVER_TEST = "handover test knob: failing at start"
+
+
+def _socket_fd(conn: Connection) -> int:
+    transport = conn.transport
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
+    fd: int = sock.fileno()
+    return fd
 
 
 class LiveConnections(set[Connection]):
@@ -84,6 +114,8 @@ class RelayServer:
         fcm_credentials: str | None = None,
         *,
         notifier: SystemdNotifier | None = None,
+        argv: Sequence[str] = (),
+        predecessor: Predecessor | None = None,
     ) -> None:
         self.config = config
         self.listeners = listeners  # parsed by the boot checks
@@ -96,6 +128,15 @@ class RelayServer:
         self._tls: TlsFrontEnd | None = None
         self._cluster: ClusterPlacement | None = None
         self._metrics_listener: Listener | None = None
+        # Live handover (SIGUSR2): the arguments a successor starts with, and, in a
+        # successor, the process it takes over from.
+        self._argv = tuple(argv)
+        self._predecessor = predecessor
+        self._upgrade_task: asyncio.Task[None] | None = None
+        self._router_kinds: dict[int, str] = {}  # id(router) → listener kind
+        self._routers_by_kind: dict[str, Router] = {}
+        self._handed_over = False  # a TLS mode's listeners went to a successor: draining
+        self._serving: tuple[Relay, list[tuple[str, Listener]], LiveConnections] | None = None
 
     async def run(self) -> ExitCode:
         """Serve until SIGTERM/SIGINT, then drain. A refusal or a listener that cannot be
@@ -112,13 +153,17 @@ class RelayServer:
                 self.log.error("listener failed", addr=failed.address, err=failed.err)
                 self.log.error("listener error; draining")
                 return ExitCode.RUNTIME
+            if self._predecessor is not None:
+                # The predecessor named us already; said again in case that datagram was lost.
+                self._notify.mainpid(os.getpid())
             status = self._status()
             self._notify.ready(status)
             stop_watching = self._watch_status(status)
             await self._stop.wait()
             stop_watching()
-            self._notify.stopping()
-            self.log.info("shutdown signal received; draining")
+            if not self._handed_over:  # else the service goes on, in the successor
+                self._notify.stopping()
+                self.log.info("shutdown signal received; draining")
             # Leaving the block stops the TLS tasks and the sweeper, drains, hands this
             # instance's ids back to the cluster and closes the push sender, in that order.
         return ExitCode.OK
@@ -154,7 +199,12 @@ class RelayServer:
             self._tls = tls
             self.readiness.require("certificate", lambda: tls.has_certificate)
         live = LiveConnections()
-        servers = await self._open_listeners(relay, live)
+        if self._predecessor is not None:
+            named = await self._take_over(relay, live, self._predecessor)
+        else:
+            named = await self._open_listeners(relay, live)
+        servers = [server for _, server in named]
+        self._serving = (relay, named, live)
         stack.push_async_callback(self._drain, relay, servers, live)
         self.readiness.listening()
         if self._tls is not None:
@@ -186,6 +236,7 @@ class RelayServer:
             signal.SIGTERM: self._stop.set,  # a second one finds the event set: ignored
             signal.SIGINT: self._stop.set,
             signal.SIGHUP: self._on_hangup,
+            signal.SIGUSR2: self._on_upgrade,
         }
         for signum, handler in handlers.items():
             loop.add_signal_handler(signum, handler)
@@ -214,19 +265,13 @@ class RelayServer:
             return "insecure"
         return "static-tls" if config.tls_cert else "autocert"
 
-    async def _open_listeners(self, relay: Relay, live: LiveConnections) -> list[Listener]:
-        """Every listener, in bind order; on a failure the ones already open are closed."""
-        config = self.config
-        settings = ConnSettings.from_config(config)
-        openers: list[tuple[ListenAddress, Callable[[], Awaitable[Listener]]]] = []
-        router = MainRouter(relay, self.readiness)
-        if self._tls is None:
-            address = self.listeners.main
-            openers.append((address, lambda: listen(address, router, settings, live)))
-        else:
-            openers.extend(self._tls.listeners(router, settings, live))
-        metrics_address = self.listeners.metrics
-        if metrics_address is not None:
+    def _routers(self, relay: Relay) -> dict[str, Router]:
+        """The router of each listener kind: the WebSockets' and the metrics listener's
+        (made once: a handover's restored connections and the listeners share them)."""
+        if self._routers_by_kind:
+            return self._routers_by_kind
+        routers: dict[str, Router] = {KIND_MAIN: MainRouter(relay, self.readiness)}
+        if self.listeners.metrics is not None:
             exporter = MetricsExporter(
                 relay.stats,
                 relay.placement.counts,
@@ -237,23 +282,231 @@ class RelayServer:
                 cluster=None if self._cluster is None else self._cluster.figures,
                 cert_not_after=None if self._tls is None else self._tls.not_after,
             )
-            metrics = MetricsRouter(exporter, self.readiness)
+            routers[KIND_METRICS] = MetricsRouter(exporter, self.readiness)
+        self._router_kinds = {id(router): kind for kind, router in routers.items()}
+        self._routers_by_kind = routers
+        return routers
+
+    async def _open_listeners(
+        self,
+        relay: Relay,
+        live: LiveConnections,
+        adopted: Mapping[str, list[socket.socket]] | None = None,
+    ) -> list[tuple[str, Listener]]:
+        """Every listener with its kind, in bind order (or, in a live handover's successor,
+        over the `adopted` listening sockets of each kind); on a failure the ones already
+        open are closed."""
+        config = self.config
+        settings = ConnSettings.from_config(config)
+        routers = self._routers(relay)
+        openers: list[tuple[str, ListenAddress, Callable[[], Awaitable[Listener]]]] = []
+        router = routers[KIND_MAIN]
+
+        async def bind_or_adopt(kind: str, address: ListenAddress, router: Router) -> Listener:
+            if adopted is None:
+                return await listen(address, router, settings, live)
+            return await adopt_listener(adopted[kind], router, settings, live)
+
+        if self._tls is None:
+            address = self.listeners.main
+            openers.append((KIND_MAIN, address, lambda: bind_or_adopt(KIND_MAIN, address, router)))
+        else:
+            openers.extend(self._tls.listeners(router, settings, live, adopted))
+        metrics_address = self.listeners.metrics
+        if metrics_address is not None:
+            metrics = routers[KIND_METRICS]
 
             async def open_metrics() -> Listener:
-                self.log.info("starting metrics listener", addr=metrics_address.text)
-                self._metrics_listener = await listen(metrics_address, metrics, settings, live)
-                return self._metrics_listener
+                if adopted is None:
+                    self.log.info("starting metrics listener", addr=metrics_address.text)
+                listener = await bind_or_adopt(KIND_METRICS, metrics_address, metrics)
+                self._metrics_listener = listener
+                return listener
 
-            openers.append((metrics_address, open_metrics))
-        servers: list[Listener] = []
-        for address, open_listener in openers:
+            openers.append((KIND_METRICS, metrics_address, open_metrics))
+        servers: list[tuple[str, Listener]] = []
+        for kind, address, open_listener in openers:
             try:
-                servers.append(await open_listener())
+                servers.append((kind, await open_listener()))
             except OSError as exc:
-                for server in servers:
+                for _, server in servers:
                     server.close()
                 raise ListenerFailed(address.text, exc.strerror or type(exc).__name__) from None
         return servers
+
+    # -- live handover: the successor's side ------------------------------------------
+
+    async def _take_over(
+        self, relay: Relay, live: LiveConnections, predecessor: Predecessor
+    ) -> list[tuple[str, Listener]]:
+        """Take the listeners and connections of the process that started us; serve them
+        once it is gone. A failure before our acknowledgement refuses the handover (the
+        old process serves on) and ends this process."""
+        from pyrycode_relay.handover import snapshot, state
+        from pyrycode_relay.handover.state import HandoverError
+
+        timeout = self.config.handover_timeout
+        settings = ConnSettings.from_config(self.config)
+        routers = self._routers(relay)
+        kinds = self._listener_kinds()
+        if predecessor.fails_start:
+            raise Refusal(MSG_HANDOVER_TEST, {"reason": "fail-start"}, exit_code=ExitCode.RUNTIME)
+        deadline = time.monotonic() + timeout
+        gc.disable()  # until every connection serves again (see _hand_over)
+        try:
+            predecessor.hello(deadline)
+            received = predecessor.receive(time.monotonic() + timeout)
+            deadline = time.monotonic() + timeout
+            blob = state.decode(received.blob, predecessor.expected_format)
+            if len(blob.listeners) != len(received.listeners):
+                raise HandoverError("listener count does not match the state")
+            if set(blob.listeners) != kinds:
+                raise HandoverError("the listeners differ from this configuration's")
+            restored = snapshot.restore(
+                relay, blob, received.conns, routers=routers, settings=settings, live=live
+            )
+        except Exception as exc:  # whatever failed, the old process serves on
+            reason = str(exc) if isinstance(exc, HandoverError) else type(exc).__name__
+            predecessor.refuse(reason, deadline)
+            raise Refusal(
+                MSG_HANDOVER_REFUSED, {"reason": reason}, exit_code=ExitCode.RUNTIME
+            ) from None
+        try:
+            if predecessor.test == "no-ack":
+                predecessor.wait_gone(time.monotonic() + 3600)  # until the old one kills us
+            predecessor.ack(deadline)
+            if blob.drain:
+                # Listeners only: the old process stopped accepting when we acknowledged,
+                # and drains its own connections (TLS sessions cannot leave it).
+                predecessor.channel.close()
+            else:
+                predecessor.wait_gone(deadline)
+        except HandoverError as exc:
+            # Acknowledged, but the old process did not go: it serves on; so must not we.
+            raise Refusal(
+                MSG_HANDOVER_REFUSED, {"reason": str(exc)}, exit_code=ExitCode.RUNTIME
+            ) from None
+        # The old process is gone (or, draining, no longer accepts): from here on, we serve.
+        adopted: dict[str, list[socket.socket]] = {}
+        for kind, sock in zip(blob.listeners, received.listeners, strict=True):
+            adopted.setdefault(kind, []).append(sock)
+        try:
+            named = await self._open_listeners(relay, live, adopted)
+            await restored.adopt()
+            restored.start()
+        finally:
+            gc.enable()
+        self.log.info(
+            "handover complete",
+            pid=os.getpid(),
+            connections=len(restored.conns),
+            duration_ms=millis(time.monotonic() - blob.exported_at),
+        )
+        return named
+
+    # -- live handover: the old process's side ----------------------------------------
+
+    def _on_upgrade(self) -> None:
+        if self._upgrade_task is not None or self._stop.is_set() or self._serving is None:
+            self.log.info("upgrade signal ignored", signal="SIGUSR2")
+            return
+        self._upgrade_task = asyncio.create_task(self._upgrade())
+
+    async def _upgrade(self) -> None:
+        """Start the successor and hand everything to it, then exit; on any failure, kill
+        it and serve on as if nothing happened (one log line says why)."""
+        try:
+            await self._hand_over()
+        finally:
+            self._upgrade_task = None
+
+    async def _hand_over(self) -> None:
+        from pyrycode_relay.handover import snapshot, state
+        from pyrycode_relay.handover.giver import Successor, blocked_by_init
+        from pyrycode_relay.handover.state import HandoverError
+
+        assert self._serving is not None
+        relay, named, live = self._serving
+        log = self.log
+        log.info("upgrade signal received; starting the successor", signal="SIGUSR2")
+        blocked = blocked_by_init(was_successor=self._predecessor is not None)
+        if blocked:
+            # In a container the successor would end with us: replace the container instead
+            # (it drains as at a restart).
+            log.warn("handover failed; serving on", reason=blocked)
+            return
+        timeout = self.config.handover_timeout
+        try:
+            successor = await Successor.start(self._argv, os.environ, timeout)
+        except HandoverError as exc:
+            log.warn("handover failed; serving on", reason=str(exc))
+            return
+        if self._stop.is_set():  # SIGTERM while the successor started: the drain wins
+            successor.kill()
+            log.warn("handover failed; serving on", reason="shutting down")
+            return
+        # From here to the exit (or the failure) the event loop is held: nothing is read,
+        # written or accepted, so the state exported is the state handed over, and on a
+        # failure every connection simply goes on. TLS modes hand over listeners only (TLS
+        # sessions cannot leave the process), and so does cluster mode (the successor is
+        # another instance; ours hands its ids back as at an orderly shutdown).
+        drain = self._tls is not None or self._cluster is not None
+        began = time.monotonic()
+        # A full collection over 10 000 connections' objects would hold the loop for another
+        # 100 ms or more; nothing cyclic worth collecting is made meanwhile.
+        gc.disable()
+        try:
+            listener_fds: list[int] = []
+            kinds: list[str] = []
+            for kind, server in named:
+                for sock in getattr(server, "sockets", ()):
+                    listener_fds.append(sock.fileno())
+                    kinds.append(kind)
+            conns, blob = snapshot.export(
+                relay, () if drain else live, self._router_kinds, kinds, drain=drain
+            )
+            conn_fds = [_socket_fd(conn) for conn in conns]
+            successor.hand_over(listener_fds, conn_fds, state.encode(blob), began + timeout)
+        except Exception as exc:  # whatever failed, the old process serves on
+            gc.enable()
+            successor.kill()
+            reason = str(exc) if isinstance(exc, HandoverError) else type(exc).__name__
+            log.warn("handover failed; serving on", reason=reason)
+            return
+        gc.enable()
+        self._notify.mainpid(successor.pid)
+        if drain:
+            # The successor accepts from now on; we stop before the loop runs again, then
+            # drain our connections (close 1001) and exit, as at a restart.
+            for _, server in named:
+                server.close()
+            self._handed_over = True
+            log.info(
+                "handed over listeners; draining",
+                pid=successor.pid,
+                duration_ms=millis(time.monotonic() - began),
+            )
+            successor.channel.close()
+            self._stop.set()
+            return
+        log.info(
+            "handed over; exiting",
+            pid=successor.pid,
+            connections=len(conns),
+            duration_ms=millis(time.monotonic() - began),
+        )
+        sys.stderr.flush()
+        # No close frame, no FIN: the successor holds every socket; our copies just go.
+        os._exit(ExitCode.OK)
+
+    def _listener_kinds(self) -> set[str]:
+        """The kinds of listener this configuration opens (a handover must carry them)."""
+        kinds = {KIND_MAIN} if self._tls is None else {KIND_HTTPS}
+        if self._tls is not None and not self._tls.static:
+            kinds.add(KIND_ACME)
+        if self.listeners.metrics is not None:
+            kinds.add(KIND_METRICS)
+        return kinds
 
     def _every(self, seconds: float, tick: Callable[[], object]) -> Callable[[], None]:
         """Call `tick` every `seconds` on the loop; returns what stops it."""

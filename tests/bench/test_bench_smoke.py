@@ -151,3 +151,23 @@ async def test_phones_to_another_url(tmp_path: Path) -> None:
     (run,) = json.loads(out.read_text())["runs"]
     assert_clean(run["result"])
     assert run["result"]["n"] > 0 and "relay_cpu_pct_b" not in run["result"]
+
+
+def test_handover_under_load_loses_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "handover.json"
+    proc = subprocess.run(
+        [*BENCH, "handover", "--connections", "60", "--rate", "10", "--warmup", "0.3",
+         "--dur", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert out.exists(), proc.stderr[-2000:]
+    result: dict[str, Any] = json.loads(out.read_text())
+    assert proc.returncode == 0 and result["ok"] is True, result
+    assert result["connections_handed"] == 60 and result["old_process_gone"]
+    for key in ("dropped_connections", "lost", "reordered", "unknown_or_duplicated"):
+        assert result[key] == 0, (key, result)
+    assert result["frames_received"] == result["frames_sent"] > 0
+    assert result["pause_max_ms"] is not None and result["held_ms"] is not None

@@ -59,3 +59,18 @@ def test_a_batch_of_popped_items_counts_until_written() -> None:
     assert box.writing and budget.used == 60 + 3 * ITEM_OVERHEAD  # nothing released yet
     box.written()
     assert not box.writing and budget.used == 30 + ITEM_OVERHEAD == box.queued_bytes
+
+
+def test_restore_counts_queued_and_inflight_items_against_both_budgets() -> None:
+    budget = BufferBudget(10_000)
+    outbox = Outbox(1_000, budget)
+    items = [Item(b"abc", 0), Item(None, 4000)]
+    outbox.restore(items, inflight=100)
+    queued = 3 + ITEM_OVERHEAD + ITEM_OVERHEAD
+    assert outbox.items() == items and outbox.inflight == 100
+    assert outbox.queued_bytes == budget.used == queued + 100
+    outbox.written()  # the batch being written when handed over is written
+    assert outbox.queued_bytes == budget.used == queued
+    assert outbox.pop() == items[0]
+    outbox.clear()
+    assert budget.used == 0

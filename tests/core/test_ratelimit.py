@@ -102,3 +102,20 @@ def test_bad_config() -> None:
         make(burst=-1)
     with pytest.raises(ValueError):
         make(burst=5, interval=0)
+
+
+def test_exported_buckets_resume_in_another_limiter_with_the_same_tokens_and_phase() -> None:
+    lim, clock = make(burst=3, interval=6.0)
+    assert drain(lim) == 3
+    clock.advance(4.0)  # 2 s short of the next token
+    assert not lim.allow("1.2.3.4")
+    exported = lim.export()
+    assert exported == [("1.2.3.4", 0, 4.0, 0.0)]
+
+    successor, clock2 = make(burst=3, interval=6.0)
+    for bucket in exported:
+        successor.restore(*bucket)
+    assert not successor.allow("1.2.3.4")  # still empty
+    clock2.advance(2.0)  # the refill phase carried over: the token is due now
+    assert successor.allow("1.2.3.4")
+    assert not successor.allow("1.2.3.4")

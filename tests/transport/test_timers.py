@@ -13,13 +13,16 @@ from pyrycode_relay.transport.timers import ConnTimers, probe
 
 @dataclass(order=True)
 class FakeHandle:
-    when: float
+    at: float
     seq: int
     callback: Callable[[], None] = field(compare=False)
     cancelled: bool = field(default=False, compare=False)
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def when(self) -> float:
+        return self.at
 
 
 class FakeLoop:
@@ -42,9 +45,9 @@ class FakeLoop:
     def advance(self, seconds: float) -> None:
         """Run every callback due by now + seconds, in time order."""
         end = self.now + seconds
-        while self._queue and self._queue[0].when <= end:
+        while self._queue and self._queue[0].at <= end:
             handle = heapq.heappop(self._queue)
-            self.now = handle.when
+            self.now = handle.at
             if not handle.cancelled:
                 handle.callback()
         self.now = end
@@ -217,3 +220,42 @@ def test_probe_alive_silent_or_unreachable_decides_exactly_once() -> None:
     owner.can_ping = False
     run()
     assert verdicts == ["alive", "dead", "dead"] and loop.pending == 0
+
+
+def test_exported_timers_resume_with_what_was_left_less_the_lag() -> None:
+    loop, owner, timers = make()
+    timers.start_heartbeat()
+    loop.advance(30.0)  # ticked: a ping is out, its pong due 20 s later
+    assert owner.events == ["ping"]
+    timers.start_write()
+    loop.advance(4.0)
+    state = timers.export()
+    assert (state.tick, state.pong, state.write, state.message) == (26.0, 16.0, 6.0, None)
+
+    # The successor's timers, on its own loop, 1 s of handover later.
+    loop2, owner2, timers2 = make()
+    timers2.start_write()  # (its transport paused at once: a full write timeout)
+    timers2.restore(state, lag=1.0)
+    loop2.advance(4.9)
+    assert owner2.events == []
+    loop2.advance(0.2)  # 6 - 1 s: the same write deadline as before the handover
+    assert owner2.events == ["write"]
+    loop2.advance(10.0)  # 16 - 1 s after the handover the pong is missed
+    assert owner2.events == ["write", "missed"]
+    loop2.advance(10.0)  # the ticker keeps its phase: next tick 26 - 1 s after
+    assert owner2.events == ["write", "missed", "ping"]
+
+
+def test_a_message_in_progress_keeps_its_deadline_across_a_handover() -> None:
+    loop, _, timers = make()
+    timers.track_message(True)
+    loop.advance(25.0)
+    state = timers.export()
+    assert state.message == 5.0
+    loop2, owner2, timers2 = make()
+    timers2.track_message(True)  # the replayed bytes start a fresh deadline...
+    timers2.restore_message(state, lag=1.0)  # ...which the predecessor's replaces
+    loop2.advance(3.9)
+    assert owner2.events == []
+    loop2.advance(0.2)
+    assert owner2.events == ["message"]

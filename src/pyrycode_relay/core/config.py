@@ -81,6 +81,7 @@ class Config:
     cluster_redis: str
     instance_id: str
     cluster_lease: float
+    handover_timeout: float
     # Flag names ("http-listen") given on the command line or via the environment; boot needs
     # this because "explicitly given" matters even when the value equals the default.
     explicit: frozenset[str]
@@ -171,6 +172,13 @@ _FLAGS: Final[tuple[_Flag, ...]] = (
     _Flag("cluster-redis", "str", "", "Redis URL; enables cluster mode"),
     _Flag("instance-id", "str", "", "instance name in cluster mode; empty = random"),
     _Flag("cluster-lease", "duration", 10.0, "ownership lease in cluster mode", "positive"),
+    _Flag(
+        "handover-timeout",
+        "duration",
+        10.0,
+        "SIGUSR2: time for the successor to start, and again to take over",
+        "positive",
+    ),
 )
 
 _BY_NAME: Final[dict[str, _Flag]] = {f.name: f for f in _FLAGS}

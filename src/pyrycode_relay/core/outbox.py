@@ -84,6 +84,24 @@ class Outbox:
         """Items are popped and not yet written."""
         return self._inflight != 0
 
+    def restore(self, items: list[Item], inflight: int) -> None:
+        """Refill a fresh outbox with a predecessor's (live handover): its queued items and
+        the cost of those it was writing. Limits are not checked: they held when queued."""
+        self._items.extend(items)
+        cost = sum(item.cost for item in items) + inflight
+        self._inflight = inflight
+        self.queued_bytes += cost
+        self._budget.used += cost
+
+    def items(self) -> list[Item]:
+        """The queued items, in order (not those being written)."""
+        return list(self._items)
+
+    @property
+    def inflight(self) -> int:
+        """The cost of the items being written."""
+        return self._inflight
+
     def clear(self) -> None:
         """Close the outbox and drop everything, returning the bytes to the budget."""
         self.closed = True

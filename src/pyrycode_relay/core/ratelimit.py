@@ -69,5 +69,20 @@ class TokenBucketLimiter:
             del self._buckets[k]
         return len(stale)
 
+    def export(self) -> list[tuple[str, int, float, float]]:
+        """Every bucket as (key, tokens, seconds since its refill anchor, seconds since it
+        was last seen), for a successor process (live handover)."""
+        now = self._clock()
+        return [
+            (k, b.tokens, now - b.refill_at, now - b.last_seen) for k, b in self._buckets.items()
+        ]
+
+    def restore(self, key: str, tokens: int, refill_ago: float, seen_ago: float) -> None:
+        """One bucket as `export` gave it."""
+        now = self._clock()
+        bucket = _Bucket(tokens, now - refill_ago)
+        bucket.last_seen = now - seen_ago
+        self._buckets[key] = bucket
+
     def __len__(self) -> int:
         return len(self._buckets)

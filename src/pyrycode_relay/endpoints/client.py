@@ -23,6 +23,7 @@ from pyrycode_relay.core.envelope import (
 from pyrycode_relay.core.outbox import Item, Outbox
 from pyrycode_relay.core.registry import Register
 from pyrycode_relay.endpoints.roles import ERR_BINARY_GONE, HeldByConnection
+from pyrycode_relay.handover.state import PhoneState
 from pyrycode_relay.transport.connection import Connection
 
 if TYPE_CHECKING:
@@ -63,14 +64,21 @@ class PhoneSession(HeldByConnection):
     )
 
     def __init__(
-        self, relay: Relay, conn: Connection, server_id: str, device_name: str, remote: str
+        self,
+        relay: Relay,
+        conn: Connection,
+        server_id: str,
+        device_name: str,
+        remote: str,
+        *,
+        conn_id: str = "",
     ) -> None:
         self.relay = relay
         self.conn = conn
         self.server_id = server_id
         self.device_name = device_name
         self.remote = remote
-        self.conn_id = f"client-{server_id}-{secrets.token_hex(4)}"
+        self.conn_id = conn_id or f"client-{server_id}-{secrets.token_hex(4)}"
         self._prefix = frame_prefix(self.conn_id)
         self.outbox = Outbox(relay.config.phone_outbox_bytes, relay.budget)
         self._registered = False
@@ -82,6 +90,45 @@ class PhoneSession(HeldByConnection):
     def start(self) -> None:
         self.relay.ws_opened("client", self.conn)
         self.relay.placement.admit(self)
+
+    # -- live handover --------------------------------------------------------------
+
+    @property
+    def handable(self) -> bool:
+        """Registered here (an admission still in flight or a phone whose binary is on
+        another instance is not carried)."""
+        return self._registered and self._route is None and not self.outbox.closed
+
+    def export(self) -> PhoneState:
+        outbox = self.outbox
+        return PhoneState(
+            conn_id=self.conn_id,
+            server_id=self.server_id,
+            device_name=self.device_name,
+            remote=self.remote,
+            directed=self._directed,
+            notice_code=self._notice_code,
+            outbox=[(item.frame, item.close_code) for item in outbox.items()],
+            inflight=outbox.inflight,
+        )
+
+    @classmethod
+    def restored(cls, relay: Relay, conn: Connection, state: PhoneState) -> PhoneSession:
+        """The session a predecessor exported, with its outbox; `registered_as` follows
+        once the registry holds it."""
+        session = cls(
+            relay, conn, state.server_id, state.device_name, state.remote, conn_id=state.conn_id
+        )
+        session._directed = state.directed
+        session._notice_code = state.notice_code
+        if state.outbox or state.inflight:
+            session.outbox.restore([Item(f, c) for f, c in state.outbox], state.inflight)
+        return session
+
+    def registered_as(self, binary: Binary | None) -> None:
+        """The registry holds this phone (restored) for `binary`."""
+        self._registered = True
+        self._binary = binary
 
     def register_local(self) -> None:
         """Registration with the binary on this instance (4404 when there is none)."""

@@ -63,6 +63,9 @@ class Relay:
         )  # the server swaps in cluster mode
         self.started = time.monotonic()
         self.shutting_down = False
+        # The loop time each armed grace window ends (by server-id, with its token): a
+        # handover carries what is left of them.
+        self.grace_ends: dict[str, tuple[GraceToken, float]] = {}
 
     def uptime_seconds(self) -> int:
         return max(0, int(time.monotonic() - self.started))
@@ -104,10 +107,16 @@ class Relay:
             duration_ms=int(seconds * 1000),
         )
 
-    def arm_grace(self, server_id: str, token: GraceToken) -> None:
-        self.loop.call_later(self.config.grace_period, self._grace_expired, server_id, token)
+    def arm_grace(self, server_id: str, token: GraceToken, delay: float | None = None) -> None:
+        """Free `server_id` after the grace period (or `delay`: what a handover left)."""
+        delay = self.config.grace_period if delay is None else delay
+        self.grace_ends[server_id] = (token, self.loop.time() + delay)
+        self.loop.call_later(delay, self._grace_expired, server_id, token)
 
     def _grace_expired(self, server_id: str, token: GraceToken) -> None:
+        armed = self.grace_ends.get(server_id)
+        if armed is not None and armed[0] is token:
+            del self.grace_ends[server_id]
         phones = self.registry.expire(server_id, token)
         if phones is None:
             return  # stale: the slot was reclaimed or taken over meanwhile

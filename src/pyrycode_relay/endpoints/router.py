@@ -95,6 +95,7 @@ class MainRouter:
             conn.respond(error_response(503))
             return
         conn.on_release = partial(relay.caps.release, ip)
+        conn.cap_key = ip
         missing = next((name for name in _REQUIRED[endpoint] if not head.header(name)), None)
         if missing is not None:
             stats.upgrade(endpoint, "reject_headers")

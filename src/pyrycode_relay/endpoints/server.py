@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from pyrycode_relay.core.envelope import EnvelopeError, decode_binary_envelope
 from pyrycode_relay.core.registry import Claim
 from pyrycode_relay.endpoints.roles import HeldByConnection
+from pyrycode_relay.handover.state import BinaryState
 from pyrycode_relay.transport.connection import Connection
 from pyrycode_relay.transport.timers import probe
 
@@ -47,16 +48,53 @@ class BinarySession(HeldByConnection):
     )
 
     def __init__(
-        self, relay: Relay, conn: Connection, server_id: str, binary_version: str, remote: str
+        self,
+        relay: Relay,
+        conn: Connection,
+        server_id: str,
+        binary_version: str,
+        remote: str,
+        *,
+        conn_id: str = "",
     ) -> None:
         self.relay = relay
         self.conn = conn
         self.server_id = server_id
         self.binary_version = binary_version
         self.remote = remote
-        self.conn_id = f"server-{server_id}-{secrets.token_hex(4)}"
+        self.conn_id = conn_id or f"server-{server_id}-{secrets.token_hex(4)}"
         self._pending = True  # until the claim is decided
         self._blocked: list[PhoneEndpoint] = []  # phones paused until our socket drains
+
+    # -- live handover --------------------------------------------------------------
+
+    @property
+    def handable(self) -> bool:
+        """Holding its id (a claim still being decided is not carried)."""
+        return not self._pending and self.relay.registry.holds(self.server_id, self)
+
+    def export(self) -> BinaryState:
+        return BinaryState(
+            conn_id=self.conn_id,
+            server_id=self.server_id,
+            binary_version=self.binary_version,
+            remote=self.remote,
+            blocked=[phone.conn_id for phone in self._blocked],
+        )
+
+    @classmethod
+    def restored(cls, relay: Relay, conn: Connection, state: BinaryState) -> BinarySession:
+        """The session a predecessor exported, holding its id (the caller claims it) and
+        with its blocked phones still to be added (`block`)."""
+        session = cls(
+            relay, conn, state.server_id, state.binary_version, state.remote, conn_id=state.conn_id
+        )
+        session._pending = False
+        return session
+
+    def block(self, phone: PhoneEndpoint) -> None:
+        """`phone` waits (paused) for this binary's socket to drain."""
+        self._blocked.append(phone)
 
     # -- what a claimant elsewhere sees (roles.Binary; held and released: HeldByConnection)
 

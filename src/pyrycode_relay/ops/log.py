@@ -67,6 +67,8 @@ ALLOWED_KEYS: frozenset[str] = frozenset(
         "days_left",
         "endpoint",
         "closed_by",
+        "pid",
+        "connections",
     }
 )
 

@@ -56,6 +56,10 @@ class SystemdNotifier:
     def stopping(self) -> None:
         self._send("STOPPING=1\nSTATUS=draining")
 
+    def mainpid(self, pid: int) -> None:
+        """The service's main process is now `pid` (a live handover's successor)."""
+        self._send(f"MAINPID={pid}")
+
     def status(self, status: str) -> None:
         self._send(f"STATUS={status}")
 

@@ -18,12 +18,14 @@ import asyncio
 import dataclasses
 import datetime as dt
 import os
+import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from pyrycode_relay.core.addresses import ListenAddress, Listeners
 from pyrycode_relay.core.config import Config
+from pyrycode_relay.handover.state import KIND_ACME, KIND_HTTPS
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
 from pyrycode_relay.tls.acme import AcmeSettings, AutoCert, ca_bundle_problem
@@ -31,7 +33,14 @@ from pyrycode_relay.tls.certcache import CertCacheRefusal, prepare_cert_cache
 from pyrycode_relay.tls.certs import CertificateError, CertSwitch, LoadedCert, covers, load_pair
 from pyrycode_relay.tls.proxyfront import ProxyListener, bind_sockets
 from pyrycode_relay.tls.routes import AcmeHttpRouter, HostGate
-from pyrycode_relay.transport.connection import Connection, ConnSettings, Listener, Router, listen
+from pyrycode_relay.transport.connection import (
+    Connection,
+    ConnSettings,
+    Listener,
+    Router,
+    adopt_listener,
+    listen,
+)
 
 # A certificate installed with less than this left is announced at WARN (already expired:
 # ERROR). Let's Encrypt's renew with 30 days left, so an ACME one this close means renewal
@@ -180,34 +189,64 @@ class TlsFrontEnd:
             )
 
     def listeners(
-        self, main: Router, settings: ConnSettings, live: set[Connection]
-    ) -> list[tuple[ListenAddress, Callable[[], Awaitable[Listener]]]]:
-        """(address, opener) for each listener, in bind order: the challenge listener
+        self,
+        main: Router,
+        settings: ConnSettings,
+        live: set[Connection],
+        adopted: Mapping[str, list[socket.socket]] | None = None,
+    ) -> list[tuple[str, ListenAddress, Callable[[], Awaitable[Listener]]]]:
+        """(kind, address, opener) for each listener, in bind order: the challenge listener
         first, so ACME can validate as soon as the HTTPS side exists. `main` serves the
-        HTTPS side, behind the Host gate when a --domain is configured."""
+        HTTPS side, behind the Host gate when a --domain is configured. With `adopted`
+        (a live handover's listening sockets by kind), the openers serve those instead of
+        binding."""
         config = self.config
         if config.domain:
             main = HostGate(main, config.domain)
-        out: list[tuple[ListenAddress, Callable[[], Awaitable[Listener]]]] = []
+        out: list[tuple[str, ListenAddress, Callable[[], Awaitable[Listener]]]] = []
         if self.autocert is not None:
             acme_router = AcmeHttpRouter(
                 config.domain, self.autocert.challenges, self.autocert.challenge_fetched
             )
             http = self.addresses.acme
             assert http is not None  # ACME mode always has its port-80 listener
-            out.append((http, lambda: listen(http, acme_router, settings, live)))
-        out.append((self.addresses.main, lambda: self._https(main, settings, live)))
+
+            async def open_acme() -> Listener:
+                if adopted is not None:
+                    return await adopt_listener(adopted[KIND_ACME], acme_router, settings, live)
+                return await listen(http, acme_router, settings, live)
+
+            out.append((KIND_ACME, http, open_acme))
+        https = None if adopted is None else adopted[KIND_HTTPS]
+        out.append(
+            (KIND_HTTPS, self.addresses.main, lambda: self._https(main, settings, live, https))
+        )
         return out
 
     async def _https(
-        self, router: Router, settings: ConnSettings, live: set[Connection]
+        self,
+        router: Router,
+        settings: ConnSettings,
+        live: set[Connection],
+        adopted: list[socket.socket] | None,
     ) -> Listener:
         config = self.config
         address = self.addresses.main
         host, port = address.host, address.port
         settings = dataclasses.replace(settings, write_high_floor=1)  # see ConnSettings
+        if adopted is not None and not config.https_proxy_protocol:
+            return await adopt_listener(
+                adopted,
+                router,
+                settings,
+                live,
+                ssl=self.switch.front,
+                ssl_handshake_timeout=config.handshake_timeout,
+            )
         if config.https_proxy_protocol:
-            sockets = bind_sockets(host, port)
+            sockets = bind_sockets(host, port) if adopted is None else adopted
+            for sock in sockets:
+                sock.setblocking(False)  # (already so: the open file is the predecessor's)
 
             def make(client_host: str) -> Connection:
                 return Connection(router, settings, live, peer_host=client_host)

@@ -26,6 +26,7 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Callable, Sequence
+from functools import partial
 
 from pyrycode_relay.core.addresses import Network
 from pyrycode_relay.tls.proxy import ProxyError, needed, parse_proxy_v2, peer_allowed
@@ -105,6 +106,10 @@ class _HeaderRead:
         self.sock.close()
 
 
+def _close_after(sock: socket.socket, _task: asyncio.Task[None]) -> None:
+    sock.close()
+
+
 class ProxyListener:
     """Accepts, reads PROXY headers and starts TLS; `close()` stops it (drain)."""
 
@@ -159,12 +164,14 @@ class ProxyListener:
             raise
 
     def close(self) -> None:
-        for task in self._accepting:
+        for task, sock in zip(self._accepting, self.sockets, strict=True):
             task.cancel()
-        for sock in self.sockets:
             with contextlib.suppress(OSError):
                 self.loop.remove_reader(sock)
-            sock.close()
+            # Closed once the accept is cancelled: uvloop's cancelled sock_accept still
+            # unregisters the descriptor then, which fails on a closed socket. (The process
+            # goes on after this when a live handover passed the socket on.)
+            task.add_done_callback(partial(_close_after, sock))
         for pending in list(self.reading):
             pending.fail()
         for task in list(self._handshakes):

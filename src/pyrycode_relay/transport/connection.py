@@ -1,11 +1,12 @@
 """One TCP connection: an HTTP request head, then (maybe) a WebSocket.
 
 Owns: the asyncio Protocol, the websockets Sans-I/O frame state machine, write batching,
-flow control in both directions, and what happens when one of its timers (held by its
+flow control in both directions, what happens when one of its timers (held by its
 `ConnTimers`, transport/timers.py) expires: header-read deadline, heartbeat, per-message
-read deadline, write timeout, and the bounded close handshake. This is the transport
-boundary: endpoints see only `Connection`'s small public surface (send_text, close, ping,
-pause/resume reading, write_paused) and the `WsHandler` callbacks.
+read deadline, write timeout, and the bounded close handshake; and, for a live handover, its
+exact state (unsent bytes, a half-read frame, a partial message) out and back in. This is
+the transport boundary: endpoints see only `Connection`'s small public surface (send_text,
+close, ping, pause/resume reading, write_paused) and the `WsHandler` callbacks.
 Must never: parse envelopes, touch the registry, or log. No task is created per
 connection or per message: everything runs in protocol callbacks and loop timers.
 
@@ -13,16 +14,19 @@ Why one file past 450 lines: `Connection` is one state machine on the per-frame 
 its parsing, batching and flow control share the same few fields on every read and write;
 split across objects, each frame would pay extra attribute hops (ADR 0010 measured what a
 few microseconds per frame cost). What is not on that path lives elsewhere: the request head
-and the handshake (http.py), the timers (timers.py).
+and the handshake (http.py), the timers (timers.py). The live handover's export, adoption and
+resumption (the "live handover" section) stay here although they are not on that path: they
+read and set exactly those private fields, which would otherwise have to become public.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 from typing import Protocol as TypingProtocol
-from typing import cast
 
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import OPEN, Side
@@ -31,6 +35,7 @@ from websockets.protocol import Protocol as WsProtocol
 from pyrycode_relay.core.addresses import ListenAddress
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.core.envelope import is_utf8
+from pyrycode_relay.handover.state import HandoverError, WsState
 from pyrycode_relay.transport.http import (
     WS_LOGGER,
     HeadReader,
@@ -155,6 +160,41 @@ async def listen(
     return await loop.create_server(factory, address.host or None, address.port, backlog=4096)
 
 
+class ServerGroup:
+    """Several listeners closed as one (the sockets of one address a predecessor handed
+    over: an address like ":8080" has one per address family)."""
+
+    def __init__(self, servers: list[asyncio.Server]) -> None:
+        self.servers = servers
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [sock for server in self.servers for sock in server.sockets]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+
+async def adopt_listener(
+    socks: list[socket.socket],
+    router: Router,
+    settings: ConnSettings,
+    live: set[Connection],
+    **kwargs: Any,
+) -> ServerGroup:
+    """`listen` over the listening sockets a predecessor handed over (live handover);
+    `kwargs` go to `create_server` (a TLS listener's `ssl`)."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> Connection:
+        return Connection(router, settings, live)
+
+    return ServerGroup(
+        [await loop.create_server(factory, sock=s, backlog=4096, **kwargs) for s in socks]
+    )
+
+
 def _wire_size(payload_length: int) -> int:
     """Bytes a client frame with this payload occupies on the wire: 2 header bytes, the
     extended length (RFC 6455 requires the minimal encoding), and the 4-byte mask every
@@ -181,12 +221,15 @@ class Connection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "_adopting",
         "_backlog_paused",
         "_cork",
         "_cork_bytes",
+        "_eof_pending",
         "_fragments",
         "_fragments_text",
         "_head",
+        "_head_raw",
         "_live",
         "_loop",
         "_ping_seq",
@@ -194,12 +237,15 @@ class Connection(asyncio.Protocol):
         "_reading_paused",
         "_router",
         "_rx_partial",
+        "_rx_tail",
         "_settings",
         "_timers",
         "_transport_paused",
         "_unparsed",
+        "_unsent",
         "_write_high",
         "accepted_at",
+        "cap_key",
         "closing",
         "handler",
         "on_release",
@@ -212,13 +258,21 @@ class Connection(asyncio.Protocol):
     )
 
     def __init__(
-        self, router: Router, settings: ConnSettings, live: set[Connection], peer_host: str = ""
+        self,
+        router: Router,
+        settings: ConnSettings,
+        live: set[Connection],
+        peer_host: str = "",
+        *,
+        handed: bool = False,
     ) -> None:
         self._router = router
         self._settings = settings
         self._live = live
         self._loop = asyncio.get_running_loop()
-        self._head: HeadReader | None = HeadReader()
+        # (A handed-over connection gets its head reader, if it needs one, from adopt_head.)
+        self._head: HeadReader | None = None if handed else HeadReader()
+        self._head_raw = b""  # the request head's bytes so far (a handover carries them)
         self._timers = ConnTimers(self._loop, settings, self)
         self._pings: dict[bytes, Callable[[], None]] | None = None
         self._ping_seq = 0
@@ -232,6 +286,12 @@ class Connection(asyncio.Protocol):
         self._unparsed: bytes | None = None  # the rest of a large read, parsed in slices
         self._transport_paused = False  # what we last told the transport
         self._rx_partial = 0  # bytes received that no complete frame has accounted for
+        # The reads those `_rx_partial` bytes came in (None when there are none): a handover
+        # replays them into the successor's parser.
+        self._rx_tail: list[bytes] | None = None
+        # The writes whose bytes the transport may still hold (None when its buffer was
+        # seen empty): a handover sends what is left of them from the successor.
+        self._unsent: list[bytes] | None = None
         # Outbound frames held until the end of this loop iteration (see _flush).
         self._cork: list[bytes] = []
         self._cork_bytes = 0
@@ -249,6 +309,9 @@ class Connection(asyncio.Protocol):
         # and once at the end of the WebSocket, never per frame.
         self.accepted_at = 0.0
         self.opened_at = 0.0
+        self.cap_key: str | None = None  # the key of that slot (a handover re-takes it)
+        self._adopting = False  # handed over: nothing parsed until `resume_ws`/`resume_head`
+        self._eof_pending = False  # (adopting) the peer's end came before the replay
 
     # -- asyncio.Protocol -----------------------------------------------------------
 
@@ -262,6 +325,15 @@ class Connection(asyncio.Protocol):
             if isinstance(peer, tuple) and peer:
                 self.peer_host = str(peer[0])
         self._live.add(self)
+        if self._adopting:
+            # A socket handed over by a predecessor: nothing is parsed before what the
+            # predecessor had read is replayed (`resume_ws`, `resume_head`); what arrives
+            # meanwhile is kept (uvloop starts reading right after this, paused or not).
+            self._transport_paused = True
+            transport.pause_reading()
+            if self.ws is not None:
+                transport.set_write_buffer_limits(high=self._write_high, low=0)
+            return
         self._timers.start_head()
 
     def data_received(self, data: bytes) -> None:
@@ -271,6 +343,9 @@ class Connection(asyncio.Protocol):
         head_reader = self._head
         if head_reader is None:
             return  # response sent; the rest is ignored until the close completes
+        self._head_raw += data  # bounded: the head reader refuses a head over its limit
+        if self._adopting:
+            return  # parsed by `resume_head`, after what the predecessor had read
         try:
             head = head_reader.feed(data)
         except HttpError as exc:
@@ -283,6 +358,10 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         ws = self.ws
+        if self._adopting and ws is not None:
+            # The peer's end, before the predecessor's bytes are replayed: after them.
+            self._eof_pending = True
+            return True  # keep the transport: `resume_ws` finishes this
         if ws is not None:
             ws.receive_eof()
             self._flush()
@@ -295,6 +374,7 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self._unsent = None  # the buffer is empty (the low-water mark is 0)
         self._timers.stop_write()
         if self._backlog_paused:
             self._backlog_paused = False
@@ -319,6 +399,7 @@ class Connection(asyncio.Protocol):
     def respond(self, raw: bytes) -> None:
         """Send a complete non-101 response and close the connection."""
         self._head = None
+        self._head_raw = b""
         self._timers.stop_head()
         transport = self.transport
         if transport is not None:
@@ -336,9 +417,10 @@ class Connection(asyncio.Protocol):
         before any early frame is read. `write_high` is the send-buffer size above which
         writing counts as blocked (0: any unsent byte counts)."""
         head_reader, self._head = self._head, None
+        self._head_raw = b""
         transport = self.transport
         assert transport is not None and head_reader is not None
-        self.ws = _WsProtocol(self._settings.max_message_bytes)
+        self.ws = self._new_ws()
         self.handler = handler
         write_high = max(write_high, self._settings.write_high_floor)
         self._write_high = write_high
@@ -349,6 +431,9 @@ class Connection(asyncio.Protocol):
         early = head_reader.trailing()
         if early:
             self._ws_data(early)
+
+    def _new_ws(self) -> WsProtocol:
+        return _WsProtocol(self._settings.max_message_bytes)
 
     # -- WebSocket phase: inbound -------------------------------------------------
 
@@ -420,6 +505,16 @@ class Connection(asyncio.Protocol):
             handler = self.handler
             if handler is not None:
                 handler.on_message(message)
+        if partial:
+            # Keep the raw bytes of the half-received frame (its head may already be in the
+            # parser): only reads that end mid-frame pay for this.
+            tail = self._rx_tail
+            if tail is None or partial <= len(data):
+                self._rx_tail = [data if partial == len(data) else data[-partial:]]
+            else:
+                tail.append(data)
+        elif self._rx_tail is not None:
+            self._rx_tail = None
         self._rx_partial = partial
         self._flush()
         if not self.closing:
@@ -565,7 +660,22 @@ class Connection(asyncio.Protocol):
         self._cork_bytes = 0
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
+            data = cork[0] if len(cork) == 1 else b"".join(cork)
+            # The unsent journal (for a handover): the transport's buffer is always a suffix
+            # of the writes since it was last seen empty. A phone's buffer is empty exactly
+            # while it is not paused (its high-water mark is 0); a binary's is asked.
+            unsent = self._unsent
+            if (
+                unsent is not None
+                and not self.write_paused
+                and not transport.get_write_buffer_size()
+            ):
+                unsent = self._unsent = None
+            transport.write(data)
+            if unsent is not None:
+                unsent.append(data)
+            elif self.write_paused or (self._write_high > 1 and transport.get_write_buffer_size()):
+                self._unsent = [data]
 
     def _stop_timers(self) -> None:
         self._timers.stop_open()
@@ -659,6 +769,139 @@ class Connection(asyncio.Protocol):
         handler = self.handler
         if handler is not None and not self.closing:
             handler.on_heartbeat_timeout()
+
+    # -- live handover ----------------------------------------------------------------
+
+    @property
+    def router(self) -> Router:
+        return self._router
+
+    @property
+    def handable(self) -> bool:
+        """Open, and either still reading its request head or a WebSocket: a handover can
+        carry it. (A connection being closed, or whose head waits for an admission
+        decision, is not carried; it ends with this process.)"""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.closing:
+            return False
+        if self.ws is not None:
+            return self.handler is not None
+        return self._head is not None and self.on_release is None
+
+    def export_head(self) -> bytes:
+        """The request head's bytes received so far."""
+        return self._head_raw
+
+    def export_ws(self) -> WsState:
+        """This WebSocket's transport state, exactly: what the kernel still lacks of our
+        writes, what the parser holds of a half-read frame, what was read and not parsed.
+        Called with the event loop held (nothing is read or written meanwhile)."""
+        ws, transport = self.ws, self.transport
+        assert ws is not None and transport is not None
+        size = transport.get_write_buffer_size()
+        unsent = b""
+        if size:
+            journal = b"".join(self._unsent or ())
+            if len(journal) < size:
+                raise HandoverError("a connection's unsent bytes are not known")
+            unsent = journal[len(journal) - size :]
+        if self._cork:
+            unsent += b"".join(self._cork)
+        rx_tail = b""
+        partial = self._rx_partial
+        if partial:
+            tail = b"".join(self._rx_tail or ())
+            if len(tail) < partial:
+                raise HandoverError("a connection's half-read frame is not known")
+            rx_tail = tail[len(tail) - partial :]
+        fragments = self._fragments
+        pings = self._pings or {}
+        ponged = self._timers.heartbeat_callback
+        return WsState(
+            write_high=self._write_high,
+            unsent=unsent,
+            rx_tail=rx_tail,
+            unparsed=self._unparsed or b"",
+            fragments=None if fragments is None else bytes(fragments),
+            fragments_text=self._fragments_text,
+            reading_paused=self._reading_paused,
+            ping_seq=self._ping_seq,
+            heartbeat_pings=[p for p, cb in pings.items() if cb == ponged],
+            timers=self._timers.export(),
+            age=self._loop.time() - self.opened_at,
+        )
+
+    def adopt_head(self, raw: bytes) -> None:
+        """A handed-over connection still reading its request head (`raw` so far); adopt
+        the socket next."""
+        self._adopting = True
+        self._head = HeadReader()
+        self._head_raw = raw
+
+    def adopt_ws(self, state: WsState, handler: WsHandler) -> None:
+        """A handed-over WebSocket (before its socket is adopted): open, with `handler`."""
+        self._adopting = True
+        self._head = None
+        self.ws = self._new_ws()
+        self.handler = handler
+        self.opened_at = self.accepted_at = self._loop.time() - state.age
+        self._write_high = max(state.write_high, self._settings.write_high_floor)
+        self._ping_seq = state.ping_seq
+        self._reading_paused = state.reading_paused
+        self._unparsed = b""  # collects what arrives before `resume_ws` (see _ws_data)
+        if state.unsent:
+            # First in line: whatever this connection writes before `resume_ws` (a close
+            # notice to a binary, from a phone that left meanwhile) queues behind it.
+            self._cork.append(state.unsent)
+            self._cork_bytes += len(state.unsent)
+
+    def resume_head(self) -> None:
+        """Serve an adopted connection that was reading its request head."""
+        self._adopting = False
+        raw, self._head_raw = self._head_raw, b""
+        self._timers.start_head()
+        self._apply_reading()
+        if raw:
+            self.data_received(raw)
+
+    def resume_ws(self, state: WsState, lag: float) -> None:
+        """Serve an adopted WebSocket (every connection of the handover is adopted by now,
+        so what a replayed message triggers reaches its peer): our unsent bytes go first,
+        then the inbound bytes the predecessor held are parsed, then the socket is read.
+        Timers resume with what was left of them, less `lag` (the handover's duration)."""
+        self._adopting = False
+        self._uncork()  # the predecessor's unsent bytes; may pause writing (write timer)
+        self._timers.restore(state.timers, lag)
+        if state.heartbeat_pings:
+            ponged = self._timers.heartbeat_callback
+            self._pings = dict.fromkeys(state.heartbeat_pings, ponged)
+        replay = b""
+        if state.fragments is not None:
+            # The message's earlier frames, replayed as one frame so that the new parser
+            # expects the continuation (and counts the size) exactly as the old one did.
+            opcode = _TEXT if state.fragments_text else _BINARY
+            replay = Frame(opcode, state.fragments, fin=False).serialize(mask=True)
+        early, self._unparsed = self._unparsed or b"", None
+        replay += state.rx_tail + state.unparsed + early
+        if replay:
+            self._ws_data(replay)
+        self._timers.restore_message(state.timers, lag)
+        if self._eof_pending:
+            self._eof_pending = False
+            self.eof_received()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._apply_reading()
+        if not self.write_paused:
+            self._loop.call_soon(self._writable)
+
+    def _writable(self) -> None:
+        # After a handover: whatever the endpoint was waiting for (its outbox's batch to
+        # be written, its binary's socket to drain) happened, or will via resume_writing.
+        handler = self.handler
+        if handler is not None and not self.closing and not self.write_paused:
+            handler.on_writable()
 
     # -- close information for the endpoint's teardown ----------------------------
 

@@ -15,9 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from pyrycode_relay.handover.state import TimerState
+
 
 class Handle(Protocol):
     def cancel(self) -> None: ...
+    def when(self) -> float: ...
 
 
 class Scheduler(Protocol):
@@ -176,6 +179,49 @@ class ConnTimers:
     def _pong_missed(self) -> None:
         self.pong = None
         self._owner.heartbeat_missed()
+
+    # -- live handover --------------------------------------------------------------
+
+    @property
+    def heartbeat_callback(self) -> Callable[[], None]:
+        """What a heartbeat ping's pong runs (a handover tells it from a probe's)."""
+        return self._ponged
+
+    def export(self) -> TimerState:
+        """Seconds left on each running timer a handover carries (the head and close
+        timers belong to connections a handover does not carry)."""
+        now = self._loop.time()
+
+        def left(handle: Handle | None) -> float | None:
+            return None if handle is None else max(0.0, handle.when() - now)
+
+        return TimerState(
+            tick=None if self.tick is None else max(0.0, self._next_tick - now),
+            pong=left(self.pong),
+            message=left(self.message),
+            write=left(self.write),
+        )
+
+    def restore(self, state: TimerState, lag: float) -> None:
+        """Resume the heartbeat and the write timeout with what was left of them, less
+        `lag` (the handover's duration, during which their time ran on)."""
+        now = self._loop.time()
+        if state.tick is not None:
+            self._next_tick = now + max(0.0, state.tick - lag)
+            self.tick = self._loop.call_at(self._next_tick, self._ticked)
+        if state.pong is not None:
+            self.pong = self._loop.call_later(max(0.0, state.pong - lag), self._pong_missed)
+        if state.write is not None and self.write is not None:
+            self.write.cancel()
+            self.write = self._loop.call_later(max(0.0, state.write - lag), self._write_expired)
+
+    def restore_message(self, state: TimerState, lag: float) -> None:
+        """The message deadline of a message in progress keeps its predecessor's start."""
+        if state.message is not None and self.message is not None:
+            self.message.cancel()
+            self.message = self._loop.call_later(
+                max(0.0, state.message - lag), self._message_expired
+            )
 
     # -- stopping -------------------------------------------------------------------
 

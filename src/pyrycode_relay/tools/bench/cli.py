@@ -21,6 +21,7 @@ duration + drain).
         --instance-metrics http://127.0.0.1:9091/metrics,http://127.0.0.1:9092/metrics
     pyrycode-relay bench soak --seconds 600 --connections 200    # leak check (soak.py)
     pyrycode-relay bench memory --connections 10000              # RSS growth (memory.py)
+    pyrycode-relay bench handover --connections 10000   # live handover mid-load (handover.py)
 """
 
 from __future__ import annotations
@@ -212,7 +213,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def raise_fd_limit() -> None:
+    """Up to the hard limit of open files; the relays started from here inherit it."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["handover"]:
+        from pyrycode_relay.tools.bench.handover import main as handover_main
+
+        raise_fd_limit()
+        return handover_main(argv[1:])
     if argv[:1] == ["soak"]:
         from pyrycode_relay.tools.bench.soak import main as soak_main
 
@@ -222,9 +235,7 @@ def main(argv: list[str]) -> int:
 
         return memory_main(argv[1:])
     args = parse(argv)
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    raise_fd_limit()
     if args.bench_cpu is not None:
         os.sched_setaffinity(0, {args.bench_cpu})
     rates = [float(r) for r in args.rate.split(",")] if args.scenario == "open" else [None]

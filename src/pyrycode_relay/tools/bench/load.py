@@ -79,6 +79,9 @@ class Ctx:
         self.on_reply: Callable[[Phone], None] | None = None  # closed loop: send the next
         self.idle_drained: asyncio.Event | None = None
         self.outstanding = 0
+        # When set: (due time, round-trip time) of every frame that came back, in order
+        # (the handover scenario looks at the frames due around the handover).
+        self.timeline: list[tuple[float, float]] | None = None
 
     def closed(self, code: int | None) -> None:
         if not self.ending:
@@ -142,6 +145,8 @@ class Phone:
             return
         c.received += 1
         now = time.perf_counter()
+        if ctx.timeline is not None:
+            ctx.timeline.append((t, now - t))
         lo, hi = ctx.window
         if lo <= t < hi:
             c.rtts.append(now - t)

@@ -86,16 +86,18 @@ async def open_loop(
     dur: float,
     sample: Callable[[], None] | None = None,
     loaded: Callable[[], None] | None = None,
+    ctx: Ctx | None = None,
 ) -> dict[str, Any]:
     """`phones_n` phones, each sending `rate` frames/s on a fixed schedule (scenario b).
-    `sample` and `loaded` as in `closed_loop`.
+    `sample` and `loaded` as in `closed_loop`; `ctx`, when given, is the run's (the
+    caller reads its counters and timeline afterwards).
 
     The k-th frame overall is due at t0 + k/(phones_n*rate) on phone k mod phones_n; the
     scheduler sends everything that is due whenever it wakes, and each frame's latency is
     taken from its due time, so a slow reply never delays the next send and a late wake-up
     counts against the measured latency (no coordinated omission).
     """
-    ctx = Ctx(size)
+    ctx = Ctx(size) if ctx is None else ctx
     b = -(-phones_n // per_binary)
     binaries, phones, _ = await load.open_conns(ctx, target, b, per_binary)
     phones = phones[:phones_n]

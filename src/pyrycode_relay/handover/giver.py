@@ -1,0 +1,136 @@
+"""The old process's side of a live handover: start the successor, hand everything over.
+
+Owns: starting the successor from the installed code with this process's arguments and
+environment (plus the handover socket), waiting for it to be ready, sending the blob and
+every descriptor, and reading its answer; and killing it on any failure, so that exactly one
+process serves.
+Must never: change a connection's state (the caller's event loop is held while
+`hand_over` runs, and on a failure the caller simply goes on serving), or leave a
+successor running when the handover did not complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+
+from pyrycode_relay.handover.channel import (
+    ACK,
+    CONNS,
+    ENV_HANDOVER_FD,
+    HELLO,
+    MAX_FDS,
+    NAK,
+    STATE,
+    Channel,
+    memfd_with,
+    pair,
+)
+from pyrycode_relay.handover.state import HandoverError
+
+
+def blocked_by_init(*, was_successor: bool) -> str:
+    """Why a successor would not outlive this process ("" when it would): as the first
+    process of a container (pid 1), or as the process a container's init started (tini,
+    docker's --init, dumb-init: pid 1 but not systemd), this process's exit ends the
+    container. Under systemd, a shell or a supervisor that follows MAINPID it does not; nor
+    for a successor, which pid 1 only adopted when its predecessor exited."""
+    if os.getpid() == 1:
+        return "running as pid 1"
+    if was_successor or os.getppid() != 1:
+        return ""
+    try:
+        with open("/proc/1/comm", encoding="utf-8", errors="replace") as f:
+            init = f.read().strip()
+    except OSError:
+        return ""
+    return "" if init == "systemd" else "the parent is a container's init"
+
+
+class Successor:
+    """A started successor, ready to receive. Concurrency: the event loop's thread."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], channel: Channel) -> None:
+        self.proc = proc
+        self.channel = channel
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @classmethod
+    async def start(
+        cls, argv: Sequence[str], environ: Mapping[str, str], ready_within: float
+    ) -> Successor:
+        """Start `python -m pyrycode_relay ARGV` and wait, up to `ready_within` seconds,
+        for its hello."""
+        ours, theirs = pair()
+        env = dict(environ)
+        env[ENV_HANDOVER_FD] = str(theirs.fileno())
+        try:
+            # A fork and an exec (milliseconds); its exit is waited for only after a kill.
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                [sys.executable, "-m", "pyrycode_relay", *argv],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+            )
+        except OSError as exc:
+            ours.close()
+            raise HandoverError(
+                f"successor cannot start: {exc.strerror or type(exc).__name__}"
+            ) from None
+        finally:
+            theirs.close()  # the successor's end lives on in the successor only
+        successor = cls(proc, Channel(ours, "successor"))
+        ours.setblocking(False)
+        try:
+            async with asyncio.timeout(ready_within):
+                hello = await asyncio.get_running_loop().sock_recv(ours, 64)
+        except TimeoutError:
+            successor.kill()
+            raise HandoverError("successor not ready in time") from None
+        except OSError:
+            hello = b""
+        except BaseException:  # cancelled (the process is ending): no orphan successor
+            successor.kill()
+            raise
+        if hello != HELLO:
+            successor.kill()
+            raise HandoverError("successor exited before it was ready")
+        return successor
+
+    def hand_over(
+        self, listener_fds: list[int], conn_fds: list[int], blob: bytes, deadline: float
+    ) -> None:
+        """Send the blob, the listeners and the connections; return once the successor has
+        acknowledged (it has everything and serves once this process is gone). Blocks, up
+        to `deadline` (time.monotonic()); HandoverError on a refusal, its end or the
+        deadline."""
+        channel = self.channel
+        memfd = memfd_with(blob)
+        try:
+            channel.send(STATE + str(len(conn_fds)).encode(), [memfd, *listener_fds], deadline)
+        finally:
+            os.close(memfd)
+        for start in range(0, len(conn_fds), MAX_FDS):
+            channel.send(CONNS, conn_fds[start : start + MAX_FDS], deadline)
+        answer, _ = channel.recv(deadline)
+        if answer == ACK:
+            return
+        if answer.startswith(NAK):
+            reason = answer[len(NAK) :].decode("ascii", "replace")
+            raise HandoverError(f"successor refused: {reason}")
+        raise HandoverError("successor answered nonsense")
+
+    def kill(self) -> None:
+        """End the successor and wait for it; only then close our end (its end of the
+        socket is what would tell a successor that this process is gone)."""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        self.proc.wait()
+        self.channel.close()
