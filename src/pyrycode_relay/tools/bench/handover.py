@@ -46,15 +46,9 @@ def _field(line: str, key: str) -> str | None:
     return match[1] if match else None
 
 
-def _ms(duration: str | None) -> float | None:
-    """A Go duration as the relay logs it (`4.45ms`, `1.2s`, `850µs`) in milliseconds."""
-    if duration is None:
-        return None
-    match = re.fullmatch(r"([0-9.]+)(ns|µs|us|ms|s)", duration)
-    if match is None:
-        return None
-    scale = {"ns": 1e-6, "µs": 1e-3, "us": 1e-3, "ms": 1.0, "s": 1000.0}[match[2]]
-    return round(float(match[1]) * scale, 3)
+def _ms(value: str | None) -> float | None:
+    """A `*_ms` log value (integer milliseconds) as a number."""
+    return None if value is None or not value.isdigit() else float(value)
 
 
 def _line(child: Child, needle: str, offset: int) -> str | None:
@@ -170,8 +164,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             round((gone_at[0] - signalled[0]) * 1000, 1) if gone_at and signalled else None
         ),
         "successor_pid_seen": successor is not None,
-        "held_ms": _ms(_field(handed, "duration")) if handed else None,
-        "export_to_serving_ms": _ms(_field(complete, "duration")) if complete else None,
+        "held_ms": _ms(_field(handed, "duration_ms")) if handed else None,
+        "export_to_serving_ms": _ms(_field(complete, "duration_ms")) if complete else None,
         "dropped_connections": c.conn_errors,
         "lost": c.lost,
         "reordered": c.seq_errors,
