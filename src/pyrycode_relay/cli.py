@@ -164,6 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return refusal.exit_code
     if config.check_config:
         return _check_config(config, listeners, log)
+    if os.getpid() == 1:
+        # A container's first process: stay behind as its init, so that a live handover's
+        # successor outlives the relay it replaces (the relay runs as our child).
+        from pyrycode_relay.handover.init import serve_as_init
+
+        return serve_as_init(args, os.environ)
     try:
         # The key goes to the push sender only; it is never part of Config (which is printed
         # in errors and tests) nor logged.

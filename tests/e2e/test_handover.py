@@ -622,19 +622,7 @@ def _child_of(pid: int) -> int:
     return int(children[0])
 
 
-@pytest.mark.parametrize(
-    ("wrap", "reason"),
-    [
-        # The relay is the container's first process.
-        (UNSHARE, "running as pid 1"),
-        # The relay is what the container's init (here a shell) started.
-        ([*UNSHARE, "sh", "-c", '"$@"; :', "init"], "the parent is a container's init"),
-    ],
-)  # fmt: skip
-async def test_in_a_container_the_handover_is_refused_and_nothing_ends(
-    wrap: list[str], reason: str
-) -> None:
-    """A successor would die with the container when the old process exits."""
+def _container_relay(wrap: list[str]) -> tuple[list[str], int, int]:
     if shutil.which("unshare") is None or os.geteuid() != 0:
         pytest.skip("needs unshare and root for a PID namespace")
     port, metrics_port = free_port(), free_port()
@@ -644,13 +632,39 @@ async def test_in_a_container_the_handover_is_refused_and_nothing_ends(
         *FAST_TIMERS,
         HANDOVER,
     )
-    async with launch([*wrap, *argv], port=port, metrics_port=metrics_port) as relay:
+    return [*wrap, *argv], port, metrics_port
+
+
+async def test_as_a_containers_first_process_the_relay_stays_behind_as_its_init() -> None:
+    """pid 1 runs the relay as its child and follows it to its successor: the handover
+    works in a container, and the container ends with the relay that serves last."""
+    argv, port, metrics_port = _container_relay(UNSHARE)
+    async with launch(argv, port=port, metrics_port=metrics_port) as relay:
+        b, p, cid = await paired(relay, "srv-box")
+        init = _child_of(relay.proc.pid)  # unshare's child: pid 1 inside
+        first = _child_of(init)
+        os.kill(init, signal.SIGUSR2)  # as `docker kill --signal USR2` would
+        await relay.wait_log(COMPLETE, timeout=15)
+        await wait_gone(first)
+        assert _alive(init)
+        await p.send('{"after":1}')
+        assert await recv_json(b) == {"conn_id": cid, "frame": {"after": 1}}
+        # SIGTERM to pid 1 reaches the successor: the usual drain, and the container ends 0.
+        os.kill(init, signal.SIGTERM)
+        assert await closed_with(p) == (1001, "shutting down")
+        assert await exit_code(relay) == 0
+
+
+async def test_under_a_containers_foreign_init_the_handover_is_refused_and_nothing_ends() -> None:
+    """A successor would die with the container when the old process exits: the relay is
+    what the container's init (here a shell, as tini or docker's --init) started."""
+    wrap = [*UNSHARE, "sh", "-c", '"$@"; :', "init"]
+    argv, port, metrics_port = _container_relay(wrap)
+    async with launch(argv, port=port, metrics_port=metrics_port) as relay:
         b, p, _ = await paired(relay, "srv-box")
-        relay_pid = _child_of(relay.proc.pid)  # unshare's child: pid 1 inside
-        if len(wrap) > len(UNSHARE):
-            relay_pid = _child_of(relay_pid)  # the shell's child
+        relay_pid = _child_of(_child_of(relay.proc.pid))  # the shell's child
         os.kill(relay_pid, signal.SIGUSR2)
         line = await relay.wait_log(FAILED, timeout=15)
-        assert f'reason="{reason}"' in line
+        assert 'reason="the parent is a container\'s init"' in line
         await p.send('{"after":1}')
         assert (await recv_json(b))["frame"] == {"after": 1}

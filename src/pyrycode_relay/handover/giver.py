@@ -30,6 +30,7 @@ from pyrycode_relay.handover.channel import (
     memfd_with,
     pair,
 )
+from pyrycode_relay.handover.init import ENV_INIT
 from pyrycode_relay.handover.state import HandoverError
 
 
@@ -37,12 +38,13 @@ def blocked_by_init(*, was_successor: bool) -> str:
     """Why a successor would not outlive this process ("" when it would): as the first
     process of a container (pid 1), or as the process a container's init started (tini,
     docker's --init, dumb-init: pid 1 but not systemd), this process's exit ends the
-    container. Under systemd, a shell or a supervisor that follows MAINPID it does not; nor
+    container. Under systemd, a shell, a supervisor that follows MAINPID, or the relay's own
+    init (a relay started as pid 1 stays behind as one, handover/init.py) it does not; nor
     for a successor, which pid 1 only adopted when its predecessor exited."""
     if os.getpid() == 1:
         return "running as pid 1"
-    if was_successor or os.getppid() != 1:
-        return ""
+    if was_successor or os.getppid() != 1 or os.environ.get(ENV_INIT) == "1":
+        return ""  # our own init (handover/init.py) follows the successor
     try:
         with open("/proc/1/comm", encoding="utf-8", errors="replace") as f:
             init = f.read().strip()

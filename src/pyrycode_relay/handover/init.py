@@ -1,0 +1,88 @@
+"""As a container's first process (pid 1), stay behind as a small init so that a live
+handover's successor outlives the relay it replaces.
+
+Owns: starting the relay as a child (the same arguments and environment, plus a notify socket
+of its own and the `PYRYCODE_INIT` marker), forwarding SIGTERM, SIGINT, SIGHUP and SIGUSR2 to
+the relay that serves now, following its `MAINPID=` notifications to a successor (a relay
+names its successor before it exits), reaping every process that ends (pid 1's duty in a
+container), and ending with the exit code of the relay that served last.
+Must never: serve, read frames or flags, or stay behind once no relay serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import select
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from types import FrameType
+from typing import Final
+
+from pyrycode_relay.ops.sdnotify import ENV_NOTIFY_SOCKET
+
+ENV_INIT: Final = "PYRYCODE_INIT"  # set by this init for the relays it follows
+FORWARDED: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+_POLL_SECONDS: Final = 0.2  # how soon an exit is noticed
+
+
+def serve_as_init(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    """Run the relay `argv` as a child and follow it and its successors; the exit code of
+    the last one. Blocks the calling thread (no event loop runs in this process)."""
+    name = f"pyrycode-relay-init-{os.getpid()}-{secrets.token_hex(4)}"
+    notes = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    notes.bind(b"\0" + name.encode())
+    notes.setblocking(False)
+    env = dict(environ)
+    env[ENV_NOTIFY_SOCKET] = "@" + name
+    env[ENV_INIT] = "1"
+    current = subprocess.Popen(  # the relay; its successors are its children, then ours
+        [sys.executable, "-m", "pyrycode_relay", *argv], env=env, stdin=subprocess.DEVNULL
+    ).pid
+    serving = current
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        with contextlib.suppress(ProcessLookupError):  # ending: its exit is reaped below
+            os.kill(serving, signum)
+
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
+    try:
+        while True:
+            select.select([notes], [], [], _POLL_SECONDS)
+            # Every notification first: a relay names its successor before it exits, so
+            # the datagram is queued by the time its exit can be reaped.
+            serving = _follow(notes, serving)
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    return 0  # nothing left to follow
+                if pid == 0:
+                    break
+                if pid == serving:
+                    return _exit_code(status)
+    finally:
+        notes.close()
+
+
+def _follow(notes: socket.socket, serving: int) -> int:
+    """The relay serving after the queued notifications (MAINPID= lines)."""
+    while True:
+        try:
+            data = notes.recv(4096)
+        except BlockingIOError:
+            return serving
+        for line in data.decode("utf-8", "replace").split("\n"):
+            key, _, value = line.partition("=")
+            if key == "MAINPID" and value.isdigit():
+                serving = int(value)
+
+
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code  # killed by a signal: as a shell reports it
