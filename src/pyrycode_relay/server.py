@@ -391,9 +391,11 @@ class RelayServer:
         for kind, sock in zip(blob.listeners, received.listeners, strict=True):
             adopted.setdefault(kind, []).append(sock)
         try:
-            named = await self._open_listeners(relay, live, adopted)
+            # Every connection first, then the listeners: a client that connects meanwhile
+            # waits in the backlog and finds the registry, grace windows included, whole.
             await restored.adopt()
             restored.start()
+            named = await self._open_listeners(relay, live, adopted)
         finally:
             gc.enable()
         self.log.info(

@@ -376,6 +376,25 @@ async def test_grace_window_survives_the_handover() -> None:
         await relay.wait_counts(0, 0)
 
 
+async def test_a_binary_back_within_grace_after_the_handover_reclaims_its_id() -> None:
+    """The grace window carried over is a real one: the binary back in the successor
+    reclaims its id as it would have in the old process (its old phones are closed
+    `4404 binary reclaimed server-id`), not a takeover after a probe."""
+    async with relay_with_upgrades("--grace-period=5s") as (relay, upgrades):
+        b, p, _ = await paired(relay, "srv-back")
+        await b.close()
+        await relay.wait_counts(0, 1)
+        await upgrades.upgrade()
+        back = await binary(relay, "srv-back")  # in the successor, within the window
+        assert await closed_with(p) == (4404, "binary reclaimed server-id")
+        metrics = await relay.metrics()
+        assert metrics["pyrycode_relay_reclaim_evictions_total"] == 1
+        assert metrics["pyrycode_relay_takeovers_total"] == 0
+        again = await phone(relay, "srv-back")
+        await again.send('{"n":1}')
+        assert (await recv_json(back))["frame"] == {"n": 1}
+
+
 async def serving_after_failure(relay: Relay, b: ClientConnection, p: ClientConnection) -> None:
     """The old process serves every connection, as before."""
     assert relay.proc.returncode is None

@@ -213,9 +213,9 @@ async def test_an_unreachable_directory_is_logged_whole(tmp_path: Path) -> None:
     async with start_tls_relay(*flags) as relay:
         line = await relay.wait_log("acme certificate request failed", timeout=10)
     err = line.split(' err="', 1)[1].rsplit('" retry_ms=', 1)[0]
-    # requests' whole text: it used to be cut after 200 characters, mid-word
-    assert err.startswith("ConnectionError: HTTPSConnectionPool(host='127.0.0.1'"), err
-    assert err.endswith("Connection refused'))") or err.endswith('Connection refused\\"))'), err
+    # The whole text (it used to be cut after 200 characters, mid-word), in the words of
+    # the acme release installed: requests' with acme 5, acme's own before.
+    assert "127.0.0.1" in err and "Connection refused" in err, err
     assert "…" not in err
 
 

@@ -17,6 +17,7 @@ import secrets
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -35,22 +36,31 @@ def serve_as_init(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     the last one. Blocks the calling thread (no event loop runs in this process)."""
     name = f"pyrycode-relay-init-{os.getpid()}-{secrets.token_hex(4)}"
     notes = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    # The sender's pid comes with each datagram: only the serving relay may name another.
+    notes.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     notes.bind(b"\0" + name.encode())
     notes.setblocking(False)
     env = dict(environ)
     env[ENV_NOTIFY_SOCKET] = "@" + name
     env[ENV_INIT] = "1"
-    current = subprocess.Popen(  # the relay; its successors are its children, then ours
-        [sys.executable, "-m", "pyrycode_relay", *argv], env=env, stdin=subprocess.DEVNULL
-    ).pid
-    serving = current
+    serving = 0  # nobody yet: a signal before the relay starts is kept for it
+    pending: list[int] = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:
+        if not serving:
+            pending.append(signum)
+            return
         with contextlib.suppress(ProcessLookupError):  # ending: its exit is reaped below
             os.kill(serving, signum)
 
+    # Before the child exists: pid 1 ignores a signal it has no handler for.
     for signum in FORWARDED:
         signal.signal(signum, forward)
+    serving = subprocess.Popen(  # the relay; its successors are its children, then ours
+        [sys.executable, "-m", "pyrycode_relay", *argv], env=env, stdin=subprocess.DEVNULL
+    ).pid
+    for held in pending:
+        os.kill(serving, held)
     try:
         while True:
             select.select([notes], [], [], _POLL_SECONDS)
@@ -65,18 +75,30 @@ def serve_as_init(argv: Sequence[str], environ: Mapping[str, str]) -> int:
                 if pid == 0:
                     break
                 if pid == serving:
-                    return _exit_code(status)
+                    serving = _follow(notes, serving)  # named in the meantime?
+                    if pid == serving:
+                        return _exit_code(status)
     finally:
         notes.close()
 
 
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
 def _follow(notes: socket.socket, serving: int) -> int:
-    """The relay serving after the queued notifications (MAINPID= lines)."""
+    """The relay serving after the queued notifications: a `MAINPID=` from the one
+    serving names its successor; from any other process it is ignored."""
     while True:
         try:
-            data = notes.recv(4096)
+            data, ancdata, _, _ = notes.recvmsg(4096, socket.CMSG_SPACE(_CRED.size))
         except BlockingIOError:
             return serving
+        sender = 0
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                sender = _CRED.unpack(cdata[: _CRED.size])[0]
+        if sender != serving:
+            continue
         for line in data.decode("utf-8", "replace").split("\n"):
             key, _, value = line.partition("=")
             if key == "MAINPID" and value.isdigit():

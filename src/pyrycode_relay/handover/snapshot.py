@@ -183,12 +183,21 @@ class Restored:
         loop = asyncio.get_running_loop()
         conns = sorted(self.conns, key=lambda entry: entry[2].binary is None)
         for start in range(0, len(conns), _ADOPT_BATCH):
-            await asyncio.gather(
+            batch = conns[start : start + _ADOPT_BATCH]
+            results = await asyncio.gather(
                 *(
                     loop.connect_accepted_socket(partial(_same, conn), sock)
-                    for conn, sock, _ in conns[start : start + _ADOPT_BATCH]
-                )
+                    for conn, sock, _ in batch
+                ),
+                return_exceptions=True,
             )
+            for (conn, sock, _), result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    # This one socket cannot be served: it ends as if its peer had gone;
+                    # every other connection goes on.
+                    self.relay.log.warn("handover connection not adopted", err=result)
+                    sock.close()
+                    conn.connection_lost(None)
 
     def start(self) -> None:
         """Serve: grace windows run on, and each connection sends what its predecessor had
@@ -197,7 +206,8 @@ class Restored:
         relay = self.relay
         for server_id, ghost in self.ghosts.items():
             token = relay.registry.release(server_id, ghost)
-            assert token is not None
+            if token is None:
+                continue  # reclaimed meanwhile (nothing admits before `start`: not expected)
             relay.arm_grace(server_id, token, max(0.0, self.blob.graces[server_id] - lag))
         for conn, _, state in self.conns:
             if conn.transport is None or conn.closing:

@@ -134,7 +134,7 @@ def error_text(exc: BaseException, hide: Iterable[str] = ()) -> str:
     """`Type: message` on one line: the message's lines joined with spaces (a failed
     challenge's reason is on the second line of acme's ValidationError), every string in
     `hide` replaced, and cut at a word boundary with `…` beyond ERR_MAX characters."""
-    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    message = " ".join(line.strip() for line in _said(exc).splitlines() if line.strip())
     for secret in hide:
         message = message.replace(secret, "[key authorization]")
     text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
@@ -145,6 +145,26 @@ def error_text(exc: BaseException, hide: Iterable[str] = ()) -> str:
     if space > ERR_MAX // 2:  # a word boundary not too far back; else cut mid-token
         cut = cut[:space]
     return cut.rstrip() + "…"
+
+
+def _said(exc: BaseException) -> str:
+    """What an exception says; a failed authorization says which challenge failed and the
+    CA's reason, in every acme release (before 5.0 its ValidationError says nothing)."""
+    from acme import errors
+
+    if not isinstance(exc, errors.ValidationError):
+        return str(exc)
+    lines = []
+    for authzr in exc.failed_authzrs:
+        lines.append(
+            f"Authorization for {authzr.body.identifier.value} failed due to one or more"
+            " failed challenges:"
+        )
+        lines.extend(
+            f"Challenge {challenge.chall.typ} failed with error {challenge.error}"
+            for challenge in authzr.body.challenges
+        )
+    return "\n".join(lines)
 
 
 def issue(settings: AcmeSettings, challenges: dict[str, str], progress: AcmeProgress) -> None:

@@ -243,6 +243,7 @@ class Connection(asyncio.Protocol):
         "_transport_paused",
         "_unparsed",
         "_unsent",
+        "_unsent_bytes",
         "_write_high",
         "accepted_at",
         "cap_key",
@@ -292,6 +293,7 @@ class Connection(asyncio.Protocol):
         # The writes whose bytes the transport may still hold (None when its buffer was
         # seen empty): a handover sends what is left of them from the successor.
         self._unsent: list[bytes] | None = None
+        self._unsent_bytes = 0  # their total
         # Outbound frames held until the end of this loop iteration (see _flush).
         self._cork: list[bytes] = []
         self._cork_bytes = 0
@@ -455,7 +457,7 @@ class Connection(asyncio.Protocol):
         self._parse(data)
 
     def _parse_more(self) -> None:
-        if self._reading_paused:
+        if self._reading_paused or self._adopting:
             return  # held: `resume_reading` schedules us again
         rest, self._unparsed = self._unparsed, None
         if rest is None:
@@ -674,8 +676,17 @@ class Connection(asyncio.Protocol):
             transport.write(data)
             if unsent is not None:
                 unsent.append(data)
+                kept = self._unsent_bytes + len(data)
+                # Writes older than what the transport still holds went to the kernel:
+                # dropped, so a peer always a little behind (a binary whose buffer is never
+                # quite empty) keeps a journal the size of its buffer, not of its history.
+                buffered = transport.get_write_buffer_size()
+                while len(unsent) > 1 and kept - len(unsent[0]) >= buffered:
+                    kept -= len(unsent.pop(0))
+                self._unsent_bytes = kept
             elif self.write_paused or (self._write_high > 1 and transport.get_write_buffer_size()):
                 self._unsent = [data]
+                self._unsent_bytes = len(data)
 
     def _stop_timers(self) -> None:
         self._timers.stop_open()
@@ -701,12 +712,20 @@ class Connection(asyncio.Protocol):
     # -- flow control toward the peer we read from ----------------------------------
 
     def pause_reading(self) -> None:
+        if self._adopting:
+            self._reading_paused = True  # applied by `resume_ws`, after the replay
+            return
         if not self._reading_paused and self.transport is not None and not self.closing:
             self._reading_paused = True
             self._track_message_deadline()
             self._apply_reading()
 
     def resume_reading(self) -> None:
+        if self._adopting:
+            # Nothing is parsed before the predecessor's bytes are replayed (`resume_ws`):
+            # what arrived meanwhile waits behind them.
+            self._reading_paused = False
+            return
         if self._reading_paused:
             self._reading_paused = False
             if not self.closing:
@@ -720,8 +739,8 @@ class Connection(asyncio.Protocol):
         # The socket is read only while no reason to pause holds: an endpoint's
         # back-pressure, our unsent backlog to this peer, or a read still being parsed.
         transport = self.transport
-        if transport is None or transport.is_closing():
-            return
+        if transport is None or transport.is_closing() or self._adopting:
+            return  # (adopting: stays paused until `resume_ws`/`resume_head`)
         paused = self._reading_paused or self._backlog_paused or self._unparsed is not None
         if paused and not self._transport_paused:
             self._transport_paused = True
