@@ -87,7 +87,7 @@ def _run(
     notifier = SystemdNotifier(os.environ, lambda err: log.warn("sd_notify failed", err=err))
     # Set when a relay started us to take over from it (SIGUSR2); taken out of the
     # environment, so our own successor gets its own.
-    predecessor = Predecessor.from_environ(os.environ)
+    predecessor = Predecessor.from_environ(os.environ, config.handover_test)
 
     async def serve() -> ExitCode:
         server = RelayServer(

@@ -60,7 +60,7 @@ STATUS_POLL_SECONDS = 1.0  # how soon systemd's STATUS line follows readiness
 
 
 MSG_HANDOVER_REFUSED = "handover refused; exiting"
-MSG_HANDOVER_TEST = "handover test knob: failing at start"
+MSG_HANDOVER_TEST = "handover test flag: failing at start"
 
 
 def _socket_fd(conn: Connection) -> int:

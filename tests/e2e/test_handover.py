@@ -4,7 +4,7 @@ Every test sends SIGUSR2 to the relay the harness started. On success the old pr
 0 and its successor (started by it, so not the harness's child) serves on the same sockets;
 the successor's log goes to the same stderr pipe, and `Upgrades` kills it when the test
 ends, so no process outlives its test. The failure tests make the successor fail with the
-test-only knob `PYRYCODE_HANDOVER_TEST` (handover/taker.py), which only a successor reads.
+test-only flag `--handover-test` (handover/taker.py), on which only a successor acts.
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ HANDOVER = "--handover-timeout=5s"
 COMPLETE = 'msg="handover complete"'
 FAILED = 'msg="handover failed; serving on"'
 KIB = 1024
-TEST_KNOB = "PYRYCODE_HANDOVER_TEST"
 OWNER_GONE = (1011, "server owner gone")
 
 
@@ -409,7 +408,7 @@ async def serving_after_failure(relay: Relay, b: ClientConnection, p: ClientConn
 
 
 async def test_successor_that_cannot_start_leaves_the_old_process_serving() -> None:
-    async with relay_with_upgrades(env={TEST_KNOB: "fail-start"}) as (relay, _):
+    async with relay_with_upgrades("--handover-test=fail-start") as (relay, _):
         b, p, _ = await paired(relay, "srv-fail")
         os.kill(relay.proc.pid, signal.SIGUSR2)
         line = await relay.wait_log(FAILED, timeout=15)
@@ -418,7 +417,7 @@ async def test_successor_that_cannot_start_leaves_the_old_process_serving() -> N
 
 
 async def test_successor_that_cannot_read_the_state_leaves_the_old_process_serving() -> None:
-    async with relay_with_upgrades(env={TEST_KNOB: "format=999"}) as (relay, _):
+    async with relay_with_upgrades("--handover-test=format=999") as (relay, _):
         b, p, _ = await paired(relay, "srv-format")
         await p.send('{"before":1}')
         await recv_json(b)
@@ -430,7 +429,7 @@ async def test_successor_that_cannot_read_the_state_leaves_the_old_process_servi
 
 
 async def test_successor_that_never_acknowledges_is_killed() -> None:
-    async with relay_with_upgrades("--handover-timeout=1s", env={TEST_KNOB: "no-ack"}) as (
+    async with relay_with_upgrades("--handover-timeout=1s", "--handover-test=no-ack") as (
         relay,
         _,
     ):
@@ -457,7 +456,7 @@ async def test_upgrade_command_waits_for_the_outcome() -> None:
 
 
 async def test_upgrade_command_reports_a_failed_handover() -> None:
-    async with relay_with_upgrades(env={TEST_KNOB: "format=2"}) as (relay, _):
+    async with relay_with_upgrades("--handover-test=format=2") as (relay, _):
         b, p, _ = await paired(relay, "srv-cmd-fail")
         code, out = await run_command(relay_command("upgrade", str(relay.proc.pid)))
         assert code == 1 and "the handover failed" in out, out

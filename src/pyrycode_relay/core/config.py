@@ -82,6 +82,7 @@ class Config:
     instance_id: str
     cluster_lease: float
     handover_timeout: float
+    handover_test: str
     # Flag names ("http-listen") given on the command line or via the environment; boot needs
     # this because "explicitly given" matters even when the value equals the default.
     explicit: frozenset[str]
@@ -178,6 +179,13 @@ _FLAGS: Final[tuple[_Flag, ...]] = (
         10.0,
         "SIGUSR2: time for the successor to start, and again to take over",
         "positive",
+    ),
+    _Flag(
+        "handover-test",
+        "str",
+        "",
+        "tests only: how a successor fails (fail-start, no-ack, format=N)",
+        env=False,
     ),
 )
 
@@ -396,7 +404,8 @@ def _default_text(flag: _Flag) -> str:
 
 def usage() -> str:
     """The flags part of `--help`: one line per flag with its type, one-line help and default."""
-    command_line_only = " and ".join(f"--{f.name}" for f in _FLAGS if not f.env)
+    names = [f"--{f.name}" for f in _FLAGS if not f.env]
+    command_line_only = " and ".join([", ".join(names[:-1]), names[-1]] if names[1:] else names)
     lines = [
         f"Every flag except {command_line_only} may also be set as",
         f"{ENV_PREFIX}<FLAG_IN_UPPER_SNAKE>; the command line wins. Durations: 30s, 250ms,",

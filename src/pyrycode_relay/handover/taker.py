@@ -2,9 +2,10 @@
 
 Owns: the handover socket named by `PYRYCODE_HANDOVER_FD` (taken out of the environment, so
 a later upgrade starts its own), receiving the blob and the descriptors, the answer, and
-waiting for the old process to be gone before anything is served; and the test-only knob
-`PYRYCODE_HANDOVER_TEST` (`fail-start`, `no-ack`, `format=N`), which makes a successor fail
-in each way the old process must survive. It is read only by a successor.
+waiting for the old process to be gone before anything is served; and the test-only flag
+`--handover-test` (`fail-start`, `no-ack`, `format=N`), which makes a successor fail in each
+way the old process must survive. Only a successor acts on it (it gets its predecessor's
+command line).
 Must never: touch a received socket before the old process is gone (`wait_gone`): until
 then the old process may still be serving every one of them.
 """
@@ -29,8 +30,6 @@ from pyrycode_relay.handover.channel import (
 )
 from pyrycode_relay.handover.state import FORMAT_VERSION, HandoverError
 
-ENV_HANDOVER_TEST = "PYRYCODE_HANDOVER_TEST"  # test-only: see the module docstring
-
 
 class Received:
     """What the old process sent: the blob's bytes, the listeners, the connections."""
@@ -48,10 +47,10 @@ class Predecessor:
 
     def __init__(self, sock: socket.socket, test: str) -> None:
         self.channel = Channel(sock, "predecessor")
-        self.test = test  # the test-only knob's value ("" normally)
+        self.test = test  # --handover-test ("" normally)
 
     @classmethod
-    def from_environ(cls, environ: MutableMapping[str, str]) -> Predecessor | None:
+    def from_environ(cls, environ: MutableMapping[str, str], test: str) -> Predecessor | None:
         value = environ.pop(ENV_HANDOVER_FD, None)
         if value is None:
             return None
@@ -59,7 +58,7 @@ class Predecessor:
             sock = socket.socket(fileno=int(value))
         except (ValueError, OSError):
             return None
-        return cls(sock, environ.get(ENV_HANDOVER_TEST, ""))
+        return cls(sock, test)
 
     @property
     def fails_start(self) -> bool:

@@ -458,7 +458,9 @@ class Connection(asyncio.Protocol):
 
     def _parse_more(self) -> None:
         if self._reading_paused or self._adopting:
-            return  # held: `resume_reading` schedules us again
+            # Held (`resume_reading` schedules us again), or adopting: nothing is parsed
+            # before the predecessor's bytes are replayed (`resume_ws` parses all of it).
+            return
         rest, self._unparsed = self._unparsed, None
         if rest is None:
             return  # the connection was lost meanwhile (connection_lost drops the rest)
@@ -712,20 +714,12 @@ class Connection(asyncio.Protocol):
     # -- flow control toward the peer we read from ----------------------------------
 
     def pause_reading(self) -> None:
-        if self._adopting:
-            self._reading_paused = True  # applied by `resume_ws`, after the replay
-            return
         if not self._reading_paused and self.transport is not None and not self.closing:
             self._reading_paused = True
             self._track_message_deadline()
             self._apply_reading()
 
     def resume_reading(self) -> None:
-        if self._adopting:
-            # Nothing is parsed before the predecessor's bytes are replayed (`resume_ws`):
-            # what arrived meanwhile waits behind them.
-            self._reading_paused = False
-            return
         if self._reading_paused:
             self._reading_paused = False
             if not self.closing:
