@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import socket
@@ -30,9 +29,9 @@ from typing import TYPE_CHECKING
 
 from pyrycode_relay.core.addresses import ListenAddress, Listeners
 from pyrycode_relay.core.config import Config
+from pyrycode_relay.core.handover_state import KIND_ACME, KIND_HTTPS, KIND_MAIN, KIND_METRICS
 from pyrycode_relay.endpoints.relay import Relay
 from pyrycode_relay.endpoints.router import MainRouter, MetricsRouter
-from pyrycode_relay.handover.state import KIND_ACME, KIND_HTTPS, KIND_MAIN, KIND_METRICS
 from pyrycode_relay.ops import logbridge
 from pyrycode_relay.ops.boot import ENV_FCM_CREDENTIALS, MSG_ENV, REASON_FCM_CREDENTIALS
 from pyrycode_relay.ops.log import Logger, millis
@@ -55,20 +54,9 @@ if TYPE_CHECKING:
     from pyrycode_relay.handover.taker import Predecessor
     from pyrycode_relay.tls.mode import TlsFrontEnd
 
+Named = list[tuple[str, Listener]]  # each listener with its kind (handover/state.py)
 RATE_LIMIT_SWEEP_SECONDS = 300.0  # reference §8.3
 STATUS_POLL_SECONDS = 1.0  # how soon systemd's STATUS line follows readiness
-
-
-MSG_HANDOVER_REFUSED = "handover refused; exiting"
-MSG_HANDOVER_TEST = "handover test flag: failing at start"
-
-
-def _socket_fd(conn: Connection) -> int:
-    transport = conn.transport
-    assert transport is not None
-    sock = transport.get_extra_info("socket")
-    fd: int = sock.fileno()
-    return fd
 
 
 class LiveConnections(set[Connection]):
@@ -339,70 +327,29 @@ class RelayServer:
     async def _take_over(
         self, relay: Relay, live: LiveConnections, predecessor: Predecessor
     ) -> list[tuple[str, Listener]]:
-        """Take the listeners and connections of the process that started us; serve them
-        once it is gone. A failure before our acknowledgement refuses the handover (the
-        old process serves on) and ends this process."""
-        from pyrycode_relay.handover import snapshot, state
-        from pyrycode_relay.handover.state import HandoverError
+        """Take the listeners and connections of the process that started us (handover/
+        taker.py); serve them once it is gone. A failure before our acknowledgement
+        refuses the handover (the old process serves on) and ends this process."""
+        from pyrycode_relay.handover.taker import take_over
 
-        timeout = self.config.handover_timeout
-        settings = ConnSettings.from_config(self.config)
-        routers = self._routers(relay)
-        kinds = self._listener_kinds()
-        if predecessor.fails_start:
-            raise Refusal(MSG_HANDOVER_TEST, {"reason": "fail-start"}, exit_code=ExitCode.RUNTIME)
-        deadline = time.monotonic() + timeout
-        gc.disable()  # until every connection serves again (see _hand_over)
-        try:
-            predecessor.hello(deadline)
-            received = predecessor.receive(time.monotonic() + timeout)
-            deadline = time.monotonic() + timeout
-            blob = state.decode(received.blob, predecessor.expected_format)
-            if len(blob.listeners) != len(received.listeners):
-                raise HandoverError("listener count does not match the state")
-            if set(blob.listeners) != kinds:
-                raise HandoverError("the listeners differ from this configuration's")
-            restored = snapshot.restore(
-                relay, blob, received.conns, routers=routers, settings=settings, live=live
-            )
-        except Exception as exc:  # whatever failed, the old process serves on
-            reason = str(exc) if isinstance(exc, HandoverError) else type(exc).__name__
-            predecessor.refuse(reason, deadline)
-            raise Refusal(
-                MSG_HANDOVER_REFUSED, {"reason": reason}, exit_code=ExitCode.RUNTIME
-            ) from None
-        try:
-            if predecessor.test == "no-ack":
-                predecessor.wait_gone(time.monotonic() + 3600)  # until the old one kills us
-            predecessor.ack(deadline)
-            if blob.drain:
-                # Listeners only: the old process stopped accepting when we acknowledged,
-                # and drains its own connections (TLS sessions cannot leave it).
-                predecessor.channel.close()
-            else:
-                predecessor.wait_gone(deadline)
-        except HandoverError as exc:
-            # Acknowledged, but the old process did not go: it serves on; so must not we.
-            raise Refusal(
-                MSG_HANDOVER_REFUSED, {"reason": str(exc)}, exit_code=ExitCode.RUNTIME
-            ) from None
-        # The old process is gone (or, draining, no longer accepts): from here on, we serve.
-        adopted: dict[str, list[socket.socket]] = {}
-        for kind, sock in zip(blob.listeners, received.listeners, strict=True):
-            adopted.setdefault(kind, []).append(sock)
-        try:
-            # Every connection first, then the listeners: a client that connects meanwhile
-            # waits in the backlog and finds the registry, grace windows included, whole.
-            await restored.adopt()
-            restored.start()
-            named = await self._open_listeners(relay, live, adopted)
-        finally:
-            gc.enable()
+        async def open_adopted(adopted: Mapping[str, list[socket.socket]]) -> Named:
+            return await self._open_listeners(relay, live, adopted)
+
+        named, connections, exported_at = await take_over(
+            predecessor,
+            relay,
+            live,
+            routers=self._routers(relay),
+            settings=ConnSettings.from_config(self.config),
+            kinds=self._listener_kinds(),
+            within=self.config.handover_timeout,
+            open_listeners=open_adopted,
+        )
         self.log.info(
             "handover complete",
             pid=os.getpid(),
-            connections=len(restored.conns),
-            duration_ms=millis(time.monotonic() - blob.exported_at),
+            connections=connections,
+            duration_ms=millis(time.monotonic() - exported_at),
         )
         return named
 
@@ -423,9 +370,8 @@ class RelayServer:
             self._upgrade_task = None
 
     async def _hand_over(self) -> None:
-        from pyrycode_relay.handover import snapshot, state
+        from pyrycode_relay.core.handover_state import HandoverError
         from pyrycode_relay.handover.giver import Successor, blocked_by_init
-        from pyrycode_relay.handover.state import HandoverError
 
         assert self._serving is not None
         relay, named, live = self._serving
@@ -454,28 +400,13 @@ class RelayServer:
         # another instance; ours hands its ids back as at an orderly shutdown).
         drain = self._tls is not None or self._cluster is not None
         began = time.monotonic()
-        # A full collection over 10 000 connections' objects would hold the loop for another
-        # 100 ms or more; nothing cyclic worth collecting is made meanwhile.
-        gc.disable()
         try:
-            listener_fds: list[int] = []
-            kinds: list[str] = []
-            for kind, server in named:
-                for sock in getattr(server, "sockets", ()):
-                    listener_fds.append(sock.fileno())
-                    kinds.append(kind)
-            conns, blob = snapshot.export(
-                relay, () if drain else live, self._router_kinds, kinds, drain=drain
+            handed = successor.give(
+                relay, named, live, self._router_kinds, drain=drain, deadline=began + timeout
             )
-            conn_fds = [_socket_fd(conn) for conn in conns]
-            successor.hand_over(listener_fds, conn_fds, state.encode(blob), began + timeout)
-        except Exception as exc:  # whatever failed, the old process serves on
-            gc.enable()
-            successor.kill()
-            reason = str(exc) if isinstance(exc, HandoverError) else type(exc).__name__
-            log.warn("handover failed; serving on", reason=reason)
+        except HandoverError as exc:  # the successor is gone: we serve on
+            log.warn("handover failed; serving on", reason=str(exc))
             return
-        gc.enable()
         self._notify.mainpid(successor.pid)
         if drain:
             # The successor accepts from now on; we stop before the loop runs again, then
@@ -494,7 +425,7 @@ class RelayServer:
         log.info(
             "handed over; exiting",
             pid=successor.pid,
-            connections=len(conns),
+            connections=handed,
             duration_ms=millis(time.monotonic() - began),
         )
         sys.stderr.flush()

@@ -20,10 +20,10 @@ from pyrycode_relay.core.envelope import (
     is_legal_close_code,
     wrap,
 )
+from pyrycode_relay.core.handover_state import PhoneState
 from pyrycode_relay.core.outbox import Item, Outbox
 from pyrycode_relay.core.registry import Register
 from pyrycode_relay.endpoints.roles import ERR_BINARY_GONE, HeldByConnection
-from pyrycode_relay.handover.state import PhoneState
 from pyrycode_relay.transport.connection import Connection
 
 if TYPE_CHECKING:

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pyrycode_relay.core.envelope import EnvelopeError, decode_binary_envelope
+from pyrycode_relay.core.handover_state import BinaryState
 from pyrycode_relay.core.registry import Claim
 from pyrycode_relay.endpoints.roles import HeldByConnection
-from pyrycode_relay.handover.state import BinaryState
 from pyrycode_relay.transport.connection import Connection
 from pyrycode_relay.transport.timers import probe
 

@@ -16,7 +16,7 @@ import os
 import socket
 import time
 
-from pyrycode_relay.handover.state import HandoverError
+from pyrycode_relay.core.handover_state import HandoverError
 
 ENV_HANDOVER_FD = "PYRYCODE_HANDOVER_FD"  # set only by a relay for the successor it starts
 MAX_FDS = 253  # SCM_MAX_FD: descriptors per message

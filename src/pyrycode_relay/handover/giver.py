@@ -1,9 +1,10 @@
 """The old process's side of a live handover: start the successor, hand everything over.
 
 Owns: starting the successor from the installed code with this process's arguments and
-environment (plus the handover socket), waiting for it to be ready, sending the blob and
-every descriptor, and reading its answer; and killing it on any failure, so that exactly one
-process serves.
+environment (plus the handover socket), waiting for it to be ready, exporting the relay's
+state (`give`, with the caller's event loop held and garbage collection off), sending the
+blob and every descriptor, and reading its answer; and killing it on any failure, so that
+exactly one process serves.
 Must never: change a connection's state (the caller's event loop is held while
 `hand_over` runs, and on a failure the caller simply goes on serving), or leave a
 successor running when the handover did not complete.
@@ -13,11 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
+from pyrycode_relay.core.handover_state import HandoverError
 from pyrycode_relay.handover.channel import (
     ACK,
     CONNS,
@@ -31,7 +35,10 @@ from pyrycode_relay.handover.channel import (
     pair,
 )
 from pyrycode_relay.handover.init import ENV_INIT
-from pyrycode_relay.handover.state import HandoverError
+
+if TYPE_CHECKING:
+    from pyrycode_relay.endpoints.relay import Relay
+    from pyrycode_relay.transport.connection import Connection, Listener
 
 
 def blocked_by_init(*, was_successor: bool) -> str:
@@ -106,6 +113,47 @@ class Successor:
             raise HandoverError("successor exited before it was ready")
         return successor
 
+    def give(
+        self,
+        relay: Relay,
+        listeners: Iterable[tuple[str, Listener]],
+        live: Iterable[Connection],
+        router_kinds: Mapping[int, str],
+        *,
+        drain: bool,
+        deadline: float,
+    ) -> int:
+        """Export the relay's state and hand it over with every listener and (unless
+        `drain`: listeners only) every live connection; returns how many connections went.
+        The caller's event loop is held throughout, so what is exported is what is handed
+        over. On any failure the successor is killed and HandoverError says why."""
+        from pyrycode_relay.core import handover_state as state
+        from pyrycode_relay.handover import snapshot
+
+        # A full collection over 10 000 connections' objects would hold the loop for
+        # another 100 ms or more; nothing cyclic worth collecting is made meanwhile.
+        gc.disable()
+        try:
+            listener_fds: list[int] = []
+            kinds: list[str] = []
+            for kind, server in listeners:
+                for sock in getattr(server, "sockets", ()):
+                    listener_fds.append(sock.fileno())
+                    kinds.append(kind)
+            conns, blob = snapshot.export(
+                relay, () if drain else live, router_kinds, kinds, drain=drain
+            )
+            conn_fds = [_socket_fd(conn) for conn in conns]
+            self.hand_over(listener_fds, conn_fds, state.encode(blob), deadline)
+        except Exception as exc:  # whatever failed, the old process serves on
+            self.kill()
+            if isinstance(exc, HandoverError):
+                raise
+            raise HandoverError(type(exc).__name__) from exc
+        finally:
+            gc.enable()
+        return len(conns)
+
     def hand_over(
         self, listener_fds: list[int], conn_fds: list[int], blob: bytes, deadline: float
     ) -> None:
@@ -136,3 +184,10 @@ class Successor:
             self.proc.kill()
         self.proc.wait()
         self.channel.close()
+
+
+def _socket_fd(conn: Connection) -> int:
+    transport = conn.transport
+    assert transport is not None
+    fd: int = transport.get_extra_info("socket").fileno()
+    return fd

@@ -20,19 +20,19 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
-from pyrycode_relay.core.registry import Claim, Register
-from pyrycode_relay.core.stats import RelayStats
-from pyrycode_relay.endpoints.client import PhoneSession
-from pyrycode_relay.endpoints.relay import Relay
-from pyrycode_relay.endpoints.roles import PhoneEndpoint
-from pyrycode_relay.endpoints.server import BinarySession
-from pyrycode_relay.handover.state import (
+from pyrycode_relay.core.handover_state import (
     FORMAT_VERSION,
     Blob,
     BucketState,
     ConnState,
     HandoverError,
 )
+from pyrycode_relay.core.registry import Claim, Register
+from pyrycode_relay.core.stats import RelayStats
+from pyrycode_relay.endpoints.client import PhoneSession
+from pyrycode_relay.endpoints.relay import Relay
+from pyrycode_relay.endpoints.roles import PhoneEndpoint
+from pyrycode_relay.endpoints.server import BinarySession
 from pyrycode_relay.transport.connection import Connection, ConnSettings, Router
 
 _SCALARS = (

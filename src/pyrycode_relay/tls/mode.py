@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from pyrycode_relay.core.addresses import ListenAddress, Listeners
 from pyrycode_relay.core.config import Config
-from pyrycode_relay.handover.state import KIND_ACME, KIND_HTTPS
+from pyrycode_relay.core.handover_state import KIND_ACME, KIND_HTTPS
 from pyrycode_relay.ops.log import Logger
 from pyrycode_relay.ops.refusal import ExitCode, Refusal
 from pyrycode_relay.tls.acme import AcmeSettings, AutoCert, ca_bundle_problem

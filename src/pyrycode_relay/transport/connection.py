@@ -35,7 +35,7 @@ from websockets.protocol import Protocol as WsProtocol
 from pyrycode_relay.core.addresses import ListenAddress
 from pyrycode_relay.core.config import Config
 from pyrycode_relay.core.envelope import is_utf8
-from pyrycode_relay.handover.state import HandoverError, WsState
+from pyrycode_relay.core.handover_state import HandoverError, WsState
 from pyrycode_relay.transport.http import (
     WS_LOGGER,
     HeadReader,

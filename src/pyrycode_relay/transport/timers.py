@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from pyrycode_relay.handover.state import TimerState
+from pyrycode_relay.core.handover_state import TimerState
 
 
 class Handle(Protocol):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from pyrycode_relay.handover.state import (
+from pyrycode_relay.core.handover_state import (
     FORMAT_VERSION,
     Blob,
     BucketState,
