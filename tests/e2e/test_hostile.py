@@ -399,7 +399,11 @@ async def test_never_reading_phone_write_timeout() -> None:
         notice = await recv_json(b, timeout=5)
         assert notice == {"conn_id": cid, "close_code": 1011}
         assert 0.8 <= time.monotonic() - t0 <= 4.0
-        assert (await relay.metrics())["pyrycode_relay_outbox_bytes"] == 0
+        # Every queued byte goes back to the budget once the phone is torn down (the notice
+        # may reach the binary a moment before the scrape sees the teardown).
+        async with asyncio.timeout(3):
+            while (await relay.metrics())["pyrycode_relay_outbox_bytes"] != 0:
+                await asyncio.sleep(0.02)
         line = await relay.wait_log("msg=binary_forwarder_phone_send_failed")
         assert "write timed out" in line
         await relay.wait_log(f"msg=phone_unregistered server_id=evil conn_id={cid}")
