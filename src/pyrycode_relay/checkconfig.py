@@ -49,7 +49,7 @@ def check_config(
     config: Config, listeners: Listeners, environ: Mapping[str, str], log: Logger
 ) -> Plan:
     """Run every check a start would meet after the boot refusals; the plan, or Refusal."""
-    plan: Plan = {"mode": _mode(config)}
+    plan: Plan = {"mode": config.mode}
     main = listeners.main.text
     if config.insecure_listen:
         plan["listen"] = f"{main} (plain HTTP behind a TLS-terminating proxy)"
@@ -98,12 +98,6 @@ def render(plan: Plan, version: str, log_format: str) -> str:
     lines = [f"configuration ok: pyrycode-relay {version} would serve"]
     lines.extend(f"  {key.replace('_', ' '):<{width}}{value}" for key, value in plan.items())
     return "\n".join(lines) + "\n"
-
-
-def _mode(config: Config) -> str:
-    if config.insecure_listen:
-        return "insecure"
-    return "static-tls" if config.tls_cert else "autocert"
 
 
 def _describe(cert: LoadedCert) -> str:

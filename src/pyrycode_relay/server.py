@@ -248,10 +248,7 @@ class RelayServer:
     def mode(self) -> str:
         """The mode the boot checks chose, known from the first moment (a SIGHUP may come
         before the TLS front end exists)."""
-        config = self.config
-        if config.insecure_listen:
-            return "insecure"
-        return "static-tls" if config.tls_cert else "autocert"
+        return self.config.mode
 
     def _routers(self, relay: Relay) -> dict[str, Router]:
         """The router of each listener kind: the WebSockets' and the metrics listener's

@@ -87,6 +87,14 @@ class Config:
     # this because "explicitly given" matters even when the value equals the default.
     explicit: frozenset[str]
 
+    @property
+    def mode(self) -> str:
+        """`insecure`, `static-tls` or `autocert`: what the flags select (the boot checks
+        refuse a configuration that selects none or two)."""
+        if self.insecure_listen:
+            return "insecure"
+        return "static-tls" if self.tls_cert else "autocert"
+
 
 @dataclass(frozen=True, slots=True)
 class _Flag:
