@@ -28,12 +28,11 @@ from pyrycode_relay.core.config import Config, format_size
 from pyrycode_relay.core.duration import format_duration
 from pyrycode_relay.ops.boot import ENV_FCM_CREDENTIALS, MSG_INSTANCE_LIVE
 from pyrycode_relay.ops.log import Logger
-from pyrycode_relay.ops.refusal import ExitCode, Refusal
+from pyrycode_relay.ops.refusal import Refusal
 
 if TYPE_CHECKING:
     from pyrycode_relay.tls.certs import LoadedCert
 
-MSG_CERT_CACHE: Final = "refusing to start: cert cache"
 # A start serves these (it retries Redis, and logs an expired certificate); a check fails.
 MSG_EXPIRED: Final = "check failed: tls certificate has expired"
 MSG_REDIS: Final = "check failed: redis unreachable"
@@ -110,13 +109,9 @@ def _describe(cert: LoadedCert) -> str:
 
 
 def _check_static(config: Config, log: Logger) -> str:
-    from pyrycode_relay.tls.certs import CertificateError, load_pair
-    from pyrycode_relay.tls.mode import FIX_STATIC, MSG_CERTIFICATE, announce, rfc3339
+    from pyrycode_relay.tls.mode import FIX_STATIC, announce, load_static, rfc3339
 
-    try:
-        cert = load_pair(config.tls_cert, config.tls_key)
-    except CertificateError as exc:
-        raise Refusal(MSG_CERTIFICATE, {"reason": str(exc)}) from None
+    cert = load_static(config.tls_cert, config.tls_key)
     if cert.not_after <= dt.datetime.now(dt.UTC):
         # A start would serve it (and say so); a check fails: every client refuses it.
         raise Refusal(
@@ -133,23 +128,16 @@ def _check_static(config: Config, log: Logger) -> str:
 
 
 def _check_acme(config: Config, http_listen: str) -> str:
-    from pyrycode_relay.tls.acme import AcmeSettings, ca_bundle_problem
+    from pyrycode_relay.tls.acme import AcmeSettings
     from pyrycode_relay.tls.certcache import CertCacheRefusal, inspect_cert_cache
     from pyrycode_relay.tls.certs import CertificateError, load_pair
-    from pyrycode_relay.tls.mode import MSG_CA_BUNDLE
+    from pyrycode_relay.tls.mode import cert_cache_refused, check_ca_bundle
 
-    if config.acme_ca_bundle:
-        problem = ca_bundle_problem(config.acme_ca_bundle)
-        if problem is not None:
-            raise Refusal(MSG_CA_BUNDLE, {"reason": problem})
+    check_ca_bundle(config.acme_ca_bundle)
     try:
         found = inspect_cert_cache(config.cert_cache, euid=os.geteuid(), platform=sys.platform)
     except CertCacheRefusal as exc:
-        raise Refusal(
-            MSG_CERT_CACHE,
-            {"path": config.cert_cache, "reason": str(exc)},
-            exit_code=ExitCode.RUNTIME,
-        ) from None
+        raise cert_cache_refused(config.cert_cache, exc) from None
     cache = {
         "create": "will be created 0700",
         "use": "private",

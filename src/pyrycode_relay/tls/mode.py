@@ -48,8 +48,29 @@ from pyrycode_relay.transport.connection import (
 EXPIRY_WARNING = dt.timedelta(days=14)
 MSG_CERTIFICATE = "refusing to start: invalid TLS certificate"
 MSG_CA_BUNDLE = "refusing to start: invalid --acme-ca-bundle"
+MSG_CERT_CACHE = "refusing to start: cert cache"
 FIX_STATIC = "renew the certificate, replace the --tls-cert/--tls-key files, then send SIGHUP"
 FIX_ACME = "renewal is failing: see the 'acme certificate request failed' lines"
+
+
+def load_static(cert_path: str, key_path: str) -> LoadedCert:
+    """The static certificate and key, or the start-up refusal saying what is wrong."""
+    try:
+        return load_pair(cert_path, key_path)
+    except CertificateError as exc:
+        raise Refusal(MSG_CERTIFICATE, {"reason": str(exc)}) from None
+
+
+def check_ca_bundle(path: str) -> None:
+    """Refuse a start whose --acme-ca-bundle cannot be used (empty: the system's CAs)."""
+    problem = ca_bundle_problem(path) if path else None
+    if problem is not None:
+        raise Refusal(MSG_CA_BUNDLE, {"reason": problem})
+
+
+def cert_cache_refused(path: str, exc: CertCacheRefusal) -> Refusal:
+    """An unusable cert cache ends start-up with exit 1, as in the reference."""
+    return Refusal(MSG_CERT_CACHE, {"path": path, "reason": str(exc)}, exit_code=ExitCode.RUNTIME)
 
 
 def days_left(cert: LoadedCert, now: dt.datetime) -> float:
@@ -159,27 +180,17 @@ class TlsFrontEnd:
         """Start-up checks (blocking file access is fine before serving); raises Refusal."""
         config = self.config
         if self.static:
-            try:
-                cert = load_pair(config.tls_cert, config.tls_key)
-            except CertificateError as exc:
-                raise Refusal(MSG_CERTIFICATE, {"reason": str(exc)}) from None
+            cert = load_static(config.tls_cert, config.tls_key)
             self.log.info("tls certificate loaded", serial=cert.serial_hex)
             self.switch.install(cert)
             return
-        if config.acme_ca_bundle:
-            problem = ca_bundle_problem(config.acme_ca_bundle)
-            if problem is not None:
-                raise Refusal(MSG_CA_BUNDLE, {"reason": problem})
+        check_ca_bundle(config.acme_ca_bundle)
         try:
             tightened = prepare_cert_cache(
                 config.cert_cache, euid=os.geteuid(), platform=sys.platform
             )
         except CertCacheRefusal as exc:
-            raise Refusal(
-                "refusing to start: cert cache",
-                {"path": config.cert_cache, "reason": str(exc)},
-                exit_code=ExitCode.RUNTIME,
-            ) from None
+            raise cert_cache_refused(config.cert_cache, exc) from None
         if tightened is not None:
             self.log.info(
                 "tightened cert cache dir perms",
