@@ -17,7 +17,6 @@ import contextlib
 import gc
 import os
 import subprocess
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -34,7 +33,7 @@ from pyrycode_relay.handover.channel import (
     memfd_with,
     pair,
 )
-from pyrycode_relay.handover.init import ENV_INIT
+from pyrycode_relay.handover.init import ENV_INIT, relay_argv
 
 if TYPE_CHECKING:
     from pyrycode_relay.endpoints.relay import Relay
@@ -83,7 +82,7 @@ class Successor:
         try:
             # A fork and an exec (milliseconds); its exit is waited for only after a kill.
             proc = subprocess.Popen(  # noqa: ASYNC220
-                [sys.executable, "-m", "pyrycode_relay", *argv],
+                relay_argv(argv),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),

@@ -1,7 +1,8 @@
 """As a container's first process (pid 1), stay behind as a small init so that a live
 handover's successor outlives the relay it replaces.
 
-Owns: starting the relay as a child (the same arguments and environment, plus a notify socket
+Owns: the command that runs the installed relay (`relay_argv`, a successor's too); starting
+the relay as a child (the same arguments and environment, plus a notify socket
 of its own and the `PYRYCODE_INIT` marker), forwarding SIGTERM, SIGINT, SIGHUP and SIGUSR2 to
 the relay that serves now, following its `MAINPID=` notifications to a successor (a relay
 names its successor before it exits), reaping every process that ends (pid 1's duty in a
@@ -31,6 +32,12 @@ FORWARDED: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2
 _POLL_SECONDS: Final = 0.2  # how soon an exit is noticed
 
 
+def relay_argv(argv: Sequence[str]) -> list[str]:
+    """The command that runs the installed relay with `argv`: a successor, or the relay
+    this init follows."""
+    return [sys.executable, "-m", "pyrycode_relay", *argv]
+
+
 def serve_as_init(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     """Run the relay `argv` as a child and follow it and its successors; the exit code of
     the last one. Blocks the calling thread (no event loop runs in this process)."""
@@ -57,7 +64,7 @@ def serve_as_init(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     for signum in FORWARDED:
         signal.signal(signum, forward)
     serving = subprocess.Popen(  # the relay; its successors are its children, then ours
-        [sys.executable, "-m", "pyrycode_relay", *argv], env=env, stdin=subprocess.DEVNULL
+        relay_argv(argv), env=env, stdin=subprocess.DEVNULL
     ).pid
     for held in pending:
         os.kill(serving, held)
